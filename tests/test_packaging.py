@@ -1,0 +1,35 @@
+"""The install story: pyproject and environment.yml agree; notebooks carry no outputs."""
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_lists_the_same_requirements_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(project["dependencies"]) == sorted(pip_section)
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_torch_pin_admits_the_pair_that_installs_offline():
+    deps = {_name(d): d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert deps["torch"] == "torch>=2.4,<2.15"  # 2.14.1 lies on the dev/CI disk
+    assert deps["torchvision"] == "torchvision>=0.19,<0.30"  # 0.29.1 pairs with it
+
+
+def test_notebooks_are_committed_without_outputs():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for nb in notebooks:
+        cells = json.loads(nb.read_text())["cells"]
+        dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+        assert not dirty, f"{nb.name} has outputs in cells {dirty}: jupyter nbconvert --clear-output --inplace {nb}"
