@@ -1,0 +1,271 @@
+"""Datasets: MVTec-AD-layout folders (also VisA once converted) and a user's own folders.
+
+Files are checked when a dataset is built (headers and PNG checksums, mask sizes), and
+decoded lazily in `__getitem__`; with `cache=True` each image is decoded and resized once.
+Every item is {"image": (3, S, S) float ImageNet-normalised, "mask": (1, S, S) float 0/1,
+"label": 0 good / 1 defect, "defect_type": str, "path": str}.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, BadImage, DataError,  # noqa: F401
+                     check_image, list_images, load_mask, load_rgb, normalise, resize_mask,
+                     resize_rgb)
+
+
+class RootNotFound(DataError):
+    """The data root folder does not exist."""
+
+
+class CategoryNotFound(DataError):
+    """No folder for the category under the data root."""
+
+
+class EmptySplit(DataError):
+    """A split (e.g. train/good) has no images."""
+
+
+class MaskMissing(DataError):
+    """A defect image has no ground-truth mask."""
+
+
+class MaskMismatch(DataError):
+    """A mask whose size differs from its image's."""
+
+
+class DataWarning(UserWarning):
+    """A data problem that was worked around (skipped image, non-binary mask)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 good, 1 defect
+    defect_type: str  # "good" for normal images
+    mask_path: Path | None
+
+
+class ImageDataset(Dataset):
+    """Returns items from a list of samples; the base of MVTecDataset and FolderDataset."""
+
+    def __init__(self, entries, image_size: int, skip_bad: bool, cache: bool, has_masks: bool):
+        self.image_size, self.skip_bad, self.cache, self.has_masks = image_size, skip_bad, cache, has_masks
+        self.skipped: list[tuple[str, str]] = []
+        self.samples: list[Sample] = [s for s in entries if self._valid(s)]
+        self._cache: list = [None] * len(self.samples)
+        self._warned_mask = False
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({s.defect_type for s in self.samples} - {"good"})
+
+    def _valid(self, s: Sample) -> bool:
+        """Returns False for a skipped unreadable file (skip_bad); raises otherwise."""
+        try:
+            size = check_image(s.path)
+            if s.mask_path is not None:
+                mask_size = check_image(s.mask_path)
+                if mask_size != size:
+                    raise MaskMismatch(
+                        f"mask '{s.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image "
+                        f"'{s.path}' is {size[0]}x{size[1]}; masks must have their image's size")
+        except BadImage as exc:
+            if not self.skip_bad:
+                raise BadImage(f"{exc}; replace or delete it, or set data.skip_bad_images=true "
+                               "to skip such files") from None
+            warnings.warn(f"skipping: {exc}", DataWarning, stacklevel=4)
+            self.skipped.append((str(s.path), str(exc)))
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, s: Sample) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = resize_rgb(load_rgb(s.path), self.image_size)
+        if s.mask_path is None:
+            return image, None
+        mask, note = load_mask(s.mask_path)
+        if note and not self._warned_mask:
+            warnings.warn(f"{note} (further such masks in this dataset binarised silently)",
+                          DataWarning, stacklevel=3)
+            self._warned_mask = True
+        return image, resize_mask(mask, self.image_size)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        pair = self._cache[index] or self._load(s)
+        if self.cache:
+            self._cache[index] = pair
+        image, mask = pair
+        if mask is None:
+            mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8)
+        return {"image": normalise(image), "mask": mask.float(), "label": s.label,
+                "defect_type": s.defect_type, "path": str(s.path)}
+
+    def subset(self, indices) -> "ImageDataset":
+        """Returns a dataset of the same kind holding only samples[indices] (own cache)."""
+        new = copy.copy(self)
+        new.samples = [self.samples[i] for i in indices]
+        new._cache = [None] * len(new.samples)
+        return new
+
+
+def _require_root(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise RootNotFound(
+            f"data root '{root}' does not exist; create a synthetic dataset with "
+            f"`recontrast synth --out {root}` or download MVTec AD "
+            "(https://www.mvtec.com/company/research/datasets/mvtec-ad) and extract it there")
+    return root
+
+
+def _require_images(folder: Path, what: str) -> list[Path]:
+    paths = list_images(folder)
+    if not paths:
+        state = "is empty" if folder.is_dir() else "does not exist"
+        raise EmptySplit(f"{what} folder '{folder}' {state}; it needs images "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def _find_mask(mask_dirs: list[Path], defect_type: str, image: Path) -> Path:
+    """Returns <dir>/<type>/<stem>_mask.png (or <stem>.png, as VisA converters write)."""
+    for d in mask_dirs:
+        for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
+            if (d / defect_type / name).is_file():
+                return d / defect_type / name
+    expected = mask_dirs[0] / defect_type / f"{image.stem}_mask.png"
+    raise MaskMissing(f"defect image '{image}' has no mask; expected '{expected}' "
+                      "(add it, or move the image out of the dataset)")
+
+
+class MVTecDataset(ImageDataset):
+    """One category of the MVTec AD layout.
+
+    <root>/<category>/train/good/*.png, test/good/*.png, test/<type>/*.png,
+    ground_truth/<type>/<stem>_mask.png (0/255; `<stem>.png` accepted too).
+    """
+
+    def __init__(self, root, category: str, split: str, image_size: int = 256,
+                 skip_bad: bool = False, cache: bool = False):
+        root = _require_root(root)
+        base = root / category
+        if not base.is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            close = difflib.get_close_matches(category, found, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CategoryNotFound(f"no folder '{category}' under {root}{hint}; "
+                                   f"found: {', '.join(found) or 'no folders'}")
+        if split == "train":
+            entries = [Sample(p, 0, "good", None)
+                       for p in _require_images(base / "train" / "good", "training")]
+        elif split == "test":
+            types = sorted(p.name for p in (base / "test").iterdir() if p.is_dir()) \
+                if (base / "test").is_dir() else []
+            entries = [Sample(p, int(t != "good"), t,
+                              None if t == "good" else _find_mask([base / "ground_truth"], t, p))
+                       for t in types for p in list_images(base / "test" / t)]
+            if not entries:
+                raise EmptySplit(f"no test images under '{base / 'test'}' (expected test/good "
+                                 "and test/<defect type> folders)")
+        else:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root, self.category, self.split = root, category, split
+        super().__init__(entries, image_size, skip_bad, cache, has_masks=True)
+
+
+def every_kth(n: int, fraction: float) -> list[int]:
+    """Returns max(1, round(n * fraction)) evenly spaced indices in range(n); [] for 0."""
+    if fraction <= 0 or n == 0:
+        return []
+    k = max(1, round(n * fraction))
+    return sorted({min(n - 1, int((i + 0.5) * n / k)) for i in range(k)})
+
+
+class FolderDataset(ImageDataset):
+    """A user's own images, one folder per kind:
+
+        <root>/good/*.png              normal images
+        <root>/<defect type>/*.png     anomalous images, any number of such folders
+        <root>/train/good/*.png        optional: normal images for training only
+        <root>/ground_truth/<type>/<stem>_mask.png   optional masks (or <root>/masks/<type>/...)
+
+    train: train/good when it exists; otherwise good/ minus a held-out `test_good_fraction`
+    (every k-th image), so train and test never share an image. test: good/ (all of it, or
+    the held-out share) plus every defect folder. Without a ground_truth/ or masks/ folder
+    `has_masks` is False and masks are all zero (pixel metrics are then skipped); with one,
+    every defect image needs its mask. Folders named train, test, ground_truth and masks are
+    never defect types.
+    """
+
+    RESERVED = ("train", "test", "ground_truth", "masks")
+
+    def __init__(self, root, split: str, image_size: int = 256, skip_bad: bool = False,
+                 cache: bool = False, test_good_fraction: float = 0.2):
+        root = _require_root(root)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        mask_dirs = [root / d for d in ("ground_truth", "masks") if (root / d).is_dir()]
+        if (root / "train" / "good").is_dir():
+            train = _require_images(root / "train" / "good", "training")
+            test_good = list_images(root / "good")
+        else:
+            good = _require_images(root / "good", "normal-image ('good')")
+            held = set(every_kth(len(good), test_good_fraction))
+            if len(held) == len(good):
+                raise EmptySplit(f"'{root / 'good'}' has {len(good)} image(s): too few to hold "
+                                 "some out for testing; add images or a train/good folder")
+            train = [p for i, p in enumerate(good) if i not in held]
+            test_good = [p for i, p in enumerate(good) if i in held]
+        if split == "train":
+            entries = [Sample(p, 0, "good", None) for p in train]
+        else:
+            types = sorted(p.name for p in root.iterdir() if p.is_dir()
+                           and p.name not in self.RESERVED + ("good",) and not p.name.startswith("."))
+            entries = [Sample(p, 0, "good", None) for p in test_good]
+            entries += [Sample(p, 1, t, _find_mask(mask_dirs, t, p) if mask_dirs else None)
+                        for t in types for p in list_images(root / t)]
+        self.root, self.split = root, split
+        super().__init__(entries, image_size, skip_bad, cache, has_masks=bool(mask_dirs))
+
+
+class Datasets(NamedTuple):
+    train: ImageDataset
+    val: ImageDataset | None  # held-out normal images; None when val_fraction is 0
+    test: ImageDataset
+
+
+def build_datasets(data_cfg, val_fraction: float | None = None) -> Datasets:
+    """Returns (train, val, test) for a DataConfig; val is every k-th image of train/good."""
+    fraction = data_cfg.val_fraction if val_fraction is None else val_fraction
+    common = dict(image_size=data_cfg.image_size, skip_bad=data_cfg.skip_bad_images,
+                  cache=data_cfg.cache)
+    if data_cfg.format == "mvtec":
+        make = lambda split: MVTecDataset(data_cfg.root, data_cfg.category, split, **common)  # noqa: E731
+    elif data_cfg.format == "folder":
+        make = lambda split: FolderDataset(data_cfg.root, split, **common)  # noqa: E731
+    else:
+        raise DataError(f"data.format={data_cfg.format!r} is not one of mvtec, folder")
+    full, test = make("train"), make("test")
+    if not full.samples:
+        raise EmptySplit(f"every training image was skipped as unreadable ({len(full.skipped)})")
+    held = every_kth(len(full), fraction)
+    if len(held) == len(full):
+        raise EmptySplit(f"only {len(full)} training image(s): nothing left after holding out "
+                         f"data.val_fraction={fraction}; set data.val_fraction=0 or add images")
+    rest = [i for i in range(len(full)) if i not in set(held)]
+    val = full.subset(held) if held else None
+    if val is not None:
+        val.skipped = []  # train.skipped already counts the files skipped in train/good
+    return Datasets(full.subset(rest), val, test)

@@ -1,0 +1,118 @@
+"""Behaviour of recontrast/anomaly_map.py: distances, upsampling, combining, smoothing, scores."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from recontrast.anomaly_map import anomaly_map, image_score, kernel_size_for, max_map_value
+
+
+def _pairs(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(2, c, s, s, generator=g), torch.randn(2, c, s, s, generator=g))
+        for c, s in shapes
+    ]
+
+
+SHAPES = [(16, 16), (32, 8), (64, 4)]  # (channels, side) per level, like strides 4/8/16 of 64 px
+
+
+def test_identical_features_give_a_zero_map_of_the_requested_size():
+    pairs = [(t, t.clone()) for t, _ in _pairs(SHAPES)]
+    maps = anomaly_map(pairs, size=64)
+    assert maps.shape == (2, 1, 64, 64) and maps.dtype == torch.float32
+    assert maps.abs().max() < 1e-5
+    assert anomaly_map(pairs, size=(48, 64)).shape == (2, 1, 48, 64)
+
+
+@pytest.mark.parametrize("combine, expected", [("sum", 6.0), ("mean", 2.0), ("product", 8.0)])
+def test_opposite_features_reach_max_map_value(combine, expected):
+    pairs = [(t, -t) for t, _ in _pairs(SHAPES)]  # cos = -1 everywhere: 1 - cos = 2
+    maps = anomaly_map(pairs, size=64, combine=combine)
+    assert torch.allclose(maps, torch.full_like(maps, expected), atol=1e-4)
+    assert max_map_value(len(pairs), combine) == expected
+
+
+def test_random_maps_stay_within_max_map_value():
+    pairs = _pairs(SHAPES, seed=3)
+    for combine in ("sum", "mean", "product"):
+        maps = anomaly_map(pairs, size=64, combine=combine)
+        assert maps.min() >= 0 and maps.max() <= max_map_value(3, combine)
+
+
+def test_unsmoothed_map_is_the_upsampled_sum_of_one_minus_cosine():
+    pairs = _pairs(SHAPES, seed=1)
+    expected = sum(
+        F.interpolate(
+            (1 - F.cosine_similarity(t, p, dim=1)).unsqueeze(1),
+            size=(64, 64), mode="bilinear", align_corners=True,
+        )
+        for t, p in pairs
+    )
+    assert torch.allclose(anomaly_map(pairs, size=64, sigma=0), expected, atol=1e-5)
+
+
+def test_local_feature_difference_lands_at_the_same_place_in_the_map():
+    target = torch.ones(1, 8, 8, 8)
+    prediction = target.clone()
+    prediction[:, :, 2, 5] = -1.0  # one wrong feature vector at row 2, column 5
+    maps = anomaly_map([(target, prediction)], size=64)
+    row, col = divmod(int(maps.flatten().argmax()), 64)
+    assert abs(row - 2 * 63 / 7) <= 2 and abs(col - 5 * 63 / 7) <= 2  # align_corners grid
+
+
+def test_smoothing_is_scipy_gaussian_filter_with_mirror_border():
+    pairs = _pairs(SHAPES, seed=2)
+    raw = anomaly_map(pairs, size=64, sigma=0)
+    smooth = anomaly_map(pairs, size=64, sigma=4)
+    assert kernel_size_for(4.0) == 33
+    for b in range(2):
+        # kornia "reflect" == scipy "mirror"; truncate=4 gives the same 33-tap kernel.
+        ref = ndimage.gaussian_filter(raw[b, 0].double().numpy(), sigma=4, mode="mirror")
+        assert np.abs(smooth[b, 0].numpy() - ref).max() < 1e-4
+        # The reference's scipy default ("reflect") differs only near the border.
+        ref_default = ndimage.gaussian_filter(raw[b, 0].double().numpy(), sigma=4)
+        assert np.abs(smooth[b, 0, 16:-16, 16:-16].numpy() - ref_default[16:-16, 16:-16]).max() < 1e-4
+
+
+def test_maps_smaller_than_the_kernel_still_smooth():
+    maps = anomaly_map(_pairs([(4, 4)]), size=8, sigma=4)
+    assert maps.shape == (2, 1, 8, 8) and torch.isfinite(maps).all()
+
+
+def test_no_graph_is_built_and_low_precision_inputs_give_float32():
+    t = torch.randn(2, 8, 4, 4, requires_grad=True)
+    p = torch.randn(2, 8, 4, 4, requires_grad=True)
+    maps = anomaly_map([(t, p)], size=16)
+    assert not maps.requires_grad
+    maps16 = anomaly_map([(t.bfloat16(), p.bfloat16())], size=16)
+    assert maps16.dtype == torch.float32
+    assert torch.allclose(maps16, maps, atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_maps_stay_on_the_features_device():
+    pairs = [(t.cuda(), p.cuda()) for t, p in _pairs(SHAPES)]
+    maps = anomaly_map(pairs, size=64)
+    assert maps.device.type == "cuda"
+    cpu = anomaly_map(_pairs(SHAPES), size=64)
+    assert torch.allclose(maps.cpu(), cpu, atol=1e-4)
+
+
+def test_image_score_max_and_topk_mean():
+    maps = torch.zeros(2, 1, 10, 10)
+    maps[0, 0, 0, :3] = torch.tensor([5.0, 3.0, 1.0])
+    maps[1, 0, 4, 4] = 2.0
+    assert image_score(maps).tolist() == [5.0, 2.0]
+    assert torch.allclose(image_score(maps, "topk_mean", topk=0.03), torch.tensor([3.0, 2 / 3]))
+    assert image_score(maps, "topk_mean", topk=0.001).tolist() == [5.0, 2.0]  # >= 1 pixel
+    assert image_score(maps[:, 0], "max").shape == (2,)
+
+
+def test_bad_options_name_the_valid_ones():
+    with pytest.raises(ValueError, match="sum, mean, product"):
+        anomaly_map(_pairs(SHAPES), size=64, combine="add")
+    with pytest.raises(ValueError, match="max, topk_mean"):
+        image_score(torch.zeros(1, 1, 4, 4), mode="mean")
