@@ -1,0 +1,317 @@
+"""The ReContrast network: two encoders, an RD4AD bottleneck, a de-ResNet decoder, two head sets.
+
+Pure torch: no training logic, logging or files here (see ../shared/docs/method.md, "Model").
+`forward(x)` returns the (target, prediction) pairs the loss and the anomaly map consume.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models.resnet import Bottleneck
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, create_encoder, pretrained_normalization
+from .config import Config, encoder_bn_mode
+
+Pairs = list[tuple[Tensor, Tensor]]
+DECODER_BLOCKS = (3, 4, 6)  # de-Bottleneck blocks per stage: H/32->H/16, ->H/8, ->H/4
+
+
+class PartialBatchNorm2d(nn.BatchNorm2d):
+    """Train-mode BatchNorm that never divides by a near-zero batch variance (the "stable" BN).
+
+    In training, a channel whose batch variance is below min(var_thresh, pretrained running
+    variance) is normalised with the pretrained running variance instead (method.md); other
+    channels use the batch variance. Eval mode is plain BN on the running statistics.
+    `act`/`drop` carry timm's BatchNormAct2d activation when that is what was replaced.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, momentum: float = 0.1,
+                 var_thresh: float = 5e-4, act: nn.Module | None = None,
+                 drop: nn.Module | None = None) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.var_thresh = var_thresh
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+        # Not persistent: state_dicts stay interchangeable with plain-BN models, and a model
+        # resumed from a checkpoint still falls back to the variance it was built with.
+        self.register_buffer("pretrained_var", torch.ones(num_features), persistent=False)
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, eps: float = 1e-6, var_thresh: float = 5e-4):
+        """Returns a PartialBatchNorm2d carrying `bn`'s parameters, statistics and activation."""
+        new = cls(bn.num_features, eps=eps, momentum=bn.momentum if bn.momentum else 0.1,
+                  var_thresh=var_thresh, act=getattr(bn, "act", None), drop=getattr(bn, "drop", None))
+        new = new.to(device=bn.running_var.device)
+        with torch.no_grad():
+            new.weight.copy_(bn.weight)
+            new.bias.copy_(bn.bias)
+            new.running_mean.copy_(bn.running_mean)
+            new.running_var.copy_(bn.running_var)
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+            new.pretrained_var.copy_(bn.running_var)
+        new.train(bn.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps)
+            return self.act(self.drop(y))
+        xf = x.float()  # statistics in fp32 also under autocast
+        mean = xf.mean(dim=(0, 2, 3))
+        var = xf.var(dim=(0, 2, 3), unbiased=False)
+        floor = self.pretrained_var.clamp(max=self.var_thresh)
+        var_used = torch.where(var < floor, self.pretrained_var, var)
+        scale = self.weight * torch.rsqrt(var_used + self.eps)
+        y = (xf - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var_used.detach(), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return self.act(self.drop(y.to(x.dtype)))
+
+
+def convert_partial_bn(module: nn.Module) -> nn.Module:
+    """Returns `module` with every BatchNorm2d (timm BatchNormAct2d too) made partial, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, PartialBatchNorm2d):
+            setattr(module, name, PartialBatchNorm2d.from_bn(child))
+        else:
+            convert_partial_bn(child)
+    return module
+
+
+def _conv3x3_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+class FusionBottleneck(nn.Module):
+    """RD4AD's one-class bottleneck: fuses the 3 levels into one H/32 map of 2*c3*w channels.
+
+    level1 -> 2x (conv3x3 s2, BN, ReLU); level2 -> conv3x3 s2, BN, ReLU; concat with level3
+    (3*c3 ch at H/16); then 3 ResNet Bottleneck blocks (stride 2 at the first). The reference's
+    unused 1x1 conv + BN is left out.
+    """
+
+    def __init__(self, channels: list[int], width_mult: float = 1.0, blocks: int = 3) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.down1 = nn.Sequential(*_conv3x3_bn_relu(c1, c2), *_conv3x3_bn_relu(c2, c3))
+        self.down2 = nn.Sequential(*_conv3x3_bn_relu(c2, c3))
+        planes = max(1, round(c3 * width_mult / 2))  # WRN50: 512 -> width 1024, out 2048
+        out = planes * Bottleneck.expansion
+        shortcut = nn.Sequential(nn.Conv2d(3 * c3, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
+        layers = [Bottleneck(3 * c3, planes, stride=2, downsample=shortcut, base_width=128)]
+        layers += [Bottleneck(out, planes, base_width=128) for _ in range(blocks - 1)]
+        self.blocks = nn.Sequential(*layers)
+        self.out_channels = out
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        fused = torch.cat([self.down1(feats[0]), self.down2(feats[1]), feats[2]], dim=1)
+        return self.blocks(fused)
+
+
+class DeBottleneck(nn.Module):
+    """A ResNet Bottleneck mirrored: the stride-2 3x3 conv becomes a 2x2 stride-2 transposed conv."""
+
+    def __init__(self, cin: int, width: int, cout: int, upsample: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        if upsample:
+            self.conv2 = nn.ConvTranspose2d(width, width, 2, stride=2, bias=False)
+        else:
+            self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = None
+        if upsample:
+            self.shortcut = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False),
+                                          nn.BatchNorm2d(cout))
+        elif cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(out + identity)
+
+
+class Decoder(nn.Module):
+    """de-ResNet trunk: H/32 -> [H/4, H/8, H/16] maps (level order 1, 2, 3) of d_l channels.
+
+    Stage widths mirror the encoder: stage l outputs d_l = c_l * width_mult channels with an
+    inner width d_l / 2 (WRN50: 1024/512, 512/256, 256/128), 3/4/6 blocks from deep to shallow.
+    """
+
+    def __init__(self, cin: int, channels: list[int], width_mult: float = 1.0) -> None:
+        super().__init__()
+        self.out_channels = [max(1, round(c * width_mult)) for c in channels]
+        stages = []
+        for cout, n in zip(reversed(self.out_channels), DECODER_BLOCKS):
+            width = max(1, cout // 2)
+            blocks = [DeBottleneck(cin, width, cout, upsample=True)]
+            blocks += [DeBottleneck(cout, width, cout) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.ModuleList(stages)  # deep (level 3) first
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs[::-1]  # level 1 (H/4) first
+
+
+class ReContrast(nn.Module):
+    """Trainable + frozen encoder, shared bottleneck/decoder, one 1x1 head set per encoder.
+
+    `forward(x)` (x: (B, 3, H, W), ImageNet-normalised) returns (target, prediction) pairs,
+    each (B, C_l, H/s_l, W/s_l) for strides 4, 8, 16:
+    - domain_adaptation on, contrast on (the paper): levels 1-3 of head 0 (predicted from the
+      trainable-encoder half, target = frozen features), then levels 1-3 of head 1 (predicted
+      from the frozen half, target = trainable features): 6 pairs;
+    - contrast off: head 0 targets the trainable and head 1 the frozen features: 6 pairs;
+    - domain_adaptation off: one frozen encoder, one head set, 3 pairs (RD4AD-like).
+    Targets are returned as computed (trainable ones carry gradient); the loss detaches them.
+    """
+
+    def __init__(self, encoder: nn.Module, channels: list[int], *, domain_adaptation: bool = True,
+                 contrast: bool = True, encoder_bn: str = "train", stable: bool = False,
+                 width_mult: float = 1.0, channels_last: bool = False,
+                 input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
+        super().__init__()
+        if encoder_bn not in ("train", "eval"):
+            raise ValueError(f"encoder_bn must be 'train' or 'eval', got {encoder_bn!r}")
+        self.channels = list(channels)
+        self.domain_adaptation = domain_adaptation
+        self.contrast = contrast
+        self.encoder_bn = encoder_bn
+        self.stable = stable
+        self.channels_last = channels_last
+
+        self.encoder_frozen = copy.deepcopy(encoder) if domain_adaptation else encoder
+        self.encoder_frozen.requires_grad_(False)
+        self.encoder = encoder if domain_adaptation else None
+        if self.encoder is not None and stable:
+            convert_partial_bn(self.encoder)
+
+        self.bottleneck = FusionBottleneck(self.channels, width_mult)
+        self.decoder = Decoder(self.bottleneck.out_channels, self.channels, width_mult)
+        self.heads = nn.ModuleList(
+            nn.ModuleList(nn.Conv2d(d, c, 1) for d, c in zip(self.decoder.out_channels, self.channels))
+            for _ in range(2 if domain_adaptation else 1)
+        )
+        _init_like_reference(self.bottleneck, self.decoder, self.heads)
+
+        # The data layer normalises with ImageNet mean/std; weights trained with another
+        # normalisation (EfficientNet-Lite: mean = std = 0.5) get their own input back:
+        # x_own = x * scale + shift, with scale = std_in / std_own, shift = (mean_in - mean_own) / std_own.
+        self._renorm = False
+        if input_norm is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in input_norm)
+            m_in = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+            s_in = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            self._renorm = not (torch.allclose(mean, m_in) and torch.allclose(std, s_in))
+            self.register_buffer("input_scale", s_in / std, persistent=False)
+            self.register_buffer("input_shift", (m_in - mean) / std, persistent=False)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.train()
+
+    def train(self, mode: bool = True) -> "ReContrast":
+        """Sets train/eval mode; the frozen encoder stays in eval, and so does the trainable
+        encoder's BN when encoder_bn == 'eval'."""
+        super().train(mode)
+        self.encoder_frozen.eval()
+        if mode and self.encoder is not None and self.encoder_bn == "eval":
+            for m in self.encoder.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Pairs:
+        x = self._prepare(x)
+        with torch.no_grad():
+            frozen = self.encoder_frozen(x)
+        if self.encoder is None:
+            preds = [head(d) for head, d in zip(self.heads[0], self.decoder(self.bottleneck(frozen)))]
+            return list(zip(frozen, preds))
+        trained = self.encoder(x)
+        # Both encoders' features in one batch of 2B: bottleneck and decoder BN share statistics.
+        both = [torch.cat([t, f], dim=0) for t, f in zip(trained, frozen)]
+        decoded = self.decoder(self.bottleneck(both))
+        # (2B, C, H, W) -> trainable half (B, C, H, W), frozen half (B, C, H, W)
+        halves = [rearrange(d, "(half b) c h w -> half b c h w", half=2) for d in decoded]
+        pred0 = [head(d[0]) for head, d in zip(self.heads[0], halves)]
+        pred1 = [head(d[1]) for head, d in zip(self.heads[1], halves)]
+        target0, target1 = (frozen, trained) if self.contrast else (trained, frozen)
+        return list(zip(target0, pred0)) + list(zip(target1, pred1))
+
+    def anomaly_pairs(self, x: Tensor) -> Pairs:
+        """Returns the forward pairs computed in eval mode without gradient (for anomaly maps);
+        the module's train/eval mode is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(x)
+        finally:
+            self.train(was_training)
+
+    def decoder_params(self) -> list[nn.Parameter]:
+        """Returns bottleneck + decoder + head parameters (optimizer 1, lr 2e-3)."""
+        return [*self.bottleneck.parameters(), *self.decoder.parameters(), *self.heads.parameters()]
+
+    def encoder_params(self) -> list[nn.Parameter]:
+        """Returns the trainable encoder's parameters (optimizer 2, lr 1e-5); [] without DA."""
+        return [] if self.encoder is None else list(self.encoder.parameters())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Returns {'decoder': decoder_params(), 'encoder': encoder_params()}."""
+        return {"decoder": self.decoder_params(), "encoder": self.encoder_params()}
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        if self._renorm:
+            x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def _init_like_reference(*modules: nn.Module) -> None:
+    """Kaiming-normal (fan_out) Conv2d weights and unit/zero BN, as RD4AD initialises them."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def build_model(cfg: Config) -> ReContrast:
+    """Returns the ReContrast model that `cfg.model` (and `cfg.train.stable`) describe."""
+    encoder, channels = create_encoder(cfg.model.backbone, cfg.model.pretrained)
+    return ReContrast(
+        encoder,
+        channels,
+        domain_adaptation=cfg.model.domain_adaptation,
+        contrast=cfg.model.contrast,
+        encoder_bn=encoder_bn_mode(cfg),
+        stable=cfg.train.stable,
+        width_mult=cfg.model.width_mult,
+        channels_last=cfg.model.channels_last,
+        input_norm=pretrained_normalization(cfg.model.backbone),
+    )
