@@ -49,6 +49,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def training_state(cfg, model, optimizers, scaler, iteration: int, loss_history) -> dict[str, Any]:
+    """Returns the checkpoint dict of a training run after `iteration` completed steps."""
+    return {"format": FORMAT, "model": model.state_dict(), "iteration": iteration,
+            "optimizers": [o.state_dict() for o in optimizers], "config": cfg.to_dict(),
+            "rng": rng_state(), "loss_history": list(loss_history), "calibration": {},
+            "scaler": scaler.state_dict()}
+
+
+def restore_training_state(ckpt: dict[str, Any], model, optimizers, scaler) -> None:
+    """Loads model, optimizer, grad-scaler and RNG states from `ckpt` (resume)."""
+    model.load_state_dict(ckpt["model"])
+    if len(optimizers) != len(ckpt["optimizers"]):
+        raise CheckpointError(f"the checkpoint holds {len(ckpt['optimizers'])} optimizer state(s) "
+                              f"but this config trains with {len(optimizers)} (model.domain_adaptation changed?)")
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+
+
+def config_changes(stored: dict[str, Any], cfg) -> list[str]:
+    """Returns 'key: old -> new' for settings that differ from a checkpoint's stored config
+    (run length, logging, output, device, evaluation and tracking may change on resume)."""
+    old = {f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}
+    free = ("train.iters", "train.out", "train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.device", "train.threads", "train.divergence_window", "eval.", "tracking.")
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
+            if not k.startswith(free) and old.get(k) != v]
+
+
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
     """Returns `path` after writing `ckpt` atomically (temp file, fsync, rename).
 
@@ -88,12 +119,14 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
             AttributeError, ImportError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [s.strip() for s in str(err).splitlines() if s.strip() and not s.startswith(boilerplate)]
+        reason = " ".join(lines) or type(err).__name__
         raise CheckpointError(
             f"refused to load '{path}': it is not a recontrast checkpoint or state_dict that "
             f"loads with weights_only=True (files that would run code when unpickled are "
             f"never loaded). Only recontrast checkpoints/state_dicts are accepted. "
-            f"Reason: {first}"
+            f"Reason: {reason}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = ckpt.get("format", "a dict without 'format'") if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -1,0 +1,321 @@
+"""Training: one readable loop over iterations, two AdamW optimizers, atomic checkpoints.
+
+`train(cfg)` is the whole recipe of ../shared/docs/method.md; `Callback` is the only hook
+(MLflow tracking subclasses it). Sampling is a pure function of (seed, iteration), and the
+checkpoint holds model, optimizers, RNG and loss history, so `resume=True` continues
+bit-identically where a killed run stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from recontrast.checkpoint import (config_changes, load_checkpoint, restore_training_state,
+                                   save_checkpoint, training_state)
+from recontrast.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+_STACK_LIMIT_BYTES = 4 << 30  # stack the cached train set into one tensor below this size
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or a weight) became NaN/inf; the last good checkpoint is kept."""
+
+
+TrainingDiverged = TrainingDivergedError
+
+
+class Callback:
+    """No-op hooks the loop calls; subclass and override what you need."""
+
+    def on_start(self, cfg: Config, model: nn.Module, start_iteration: int) -> None: ...
+    def on_log(self, iteration: int, metrics: dict[str, float]) -> None: ...
+    def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None: ...
+    def on_warning(self, message: str) -> None: ...
+    def on_checkpoint(self, iteration: int, path: Path) -> None: ...
+    def on_end(self, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    checkpoint: Path
+    iterations: int
+    loss_history: list[float]
+    diverged: bool = False
+    warnings: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last eval_fn result
+
+
+def pick_device(name: str) -> torch.device:
+    """Returns the torch device for train.device ('auto' = cuda > mps > cpu)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python's random, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, iteration: int, drop_last: bool) -> torch.Tensor:
+    """Returns the sample indices of batch `iteration`: a function of its arguments only.
+
+    Each epoch is a permutation drawn from a generator seeded with seed * 1000 + epoch.
+    """
+    per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    epoch, k = divmod(iteration, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+class TrainBatches:
+    """Gives batch `iteration` of the training images, shape (B, 3, S, S), on `device`."""
+
+    def __init__(self, dataset, cfg: Config, device: torch.device):
+        self.dataset, self.cfg, self.device = dataset, cfg, device
+        n, bs = len(dataset), cfg.train.batch_size
+        if bs > n:
+            where = Path(cfg.data.root) / (f"{cfg.data.category}/train/good" if cfg.data.format == "mvtec" else "")
+            held = f" (after holding out data.val_fraction={cfg.data.val_fraction})" if cfg.data.val_fraction else ""
+            raise ConfigError(f"train.batch_size={bs} but only {n} training images{held} in {where}; lower it")
+        first = dataset[0]["image"]
+        self.images = None  # decoded once by the dataset's cache; stacked here when it fits
+        if n * first.numel() * first.element_size() <= _STACK_LIMIT_BYTES:
+            self.images = torch.stack([dataset[i]["image"] for i in range(n)]).to(device)
+
+    def __call__(self, iteration: int) -> torch.Tensor:
+        t = self.cfg.train
+        idx = batch_indices(len(self.dataset), t.batch_size, t.seed, iteration, t.drop_last)
+        if self.images is not None:
+            return self.images[idx.to(self.device)]
+        return torch.stack([self.dataset[i]["image"] for i in idx.tolist()]).to(self.device)
+
+
+def rising_trend(losses: Sequence[float], min_rise: float = 0.1, min_t: float = 3.0) -> bool:
+    """Returns True when `losses` clearly rise: least-squares slope over the window is
+    > `min_rise` of the mean loss and > `min_t` standard errors above zero."""
+    y = np.asarray(losses, dtype=np.float64)
+    if len(y) < 3 or not np.isfinite(y).all():
+        return False
+    x = np.arange(len(y), dtype=np.float64) - (len(y) - 1) / 2
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    resid = y - y.mean() - slope * x
+    stderr = math.sqrt((resid**2).sum() / (len(y) - 2) / (x * x).sum())
+    rise = slope * (len(y) - 1) / max(abs(y.mean()), 1e-12)
+    return rise > min_rise and slope > min_t * stderr
+
+
+def warmup_iters(cfg: Config) -> int:
+    """Returns the length of the alpha warm-up (method.md), after which divergence is watched."""
+    return max(math.ceil(cfg.loss.warmup_fraction * cfg.train.iters), cfg.loss.warmup_min_iters)
+
+
+def build_optimizers(cfg: Config, model: nn.Module, device: torch.device) -> list[torch.optim.AdamW]:
+    """Returns [decoder AdamW] plus [encoder AdamW] when the model has a trainable encoder."""
+    t = cfg.train
+    kw: dict[str, Any] = {"betas": tuple(t.betas), "weight_decay": t.weight_decay,
+                          "eps": 1e-10 if t.stable else t.eps}
+    if device.type == "cuda":
+        kw["fused"] = True
+    optimizers = [torch.optim.AdamW(list(model.decoder_params()), lr=t.lr, **kw)]
+    encoder = [p for p in model.encoder_params() if p.requires_grad]
+    if encoder:
+        optimizers.append(torch.optim.AdamW(encoder, lr=t.encoder_lr, **kw))
+    return optimizers
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.amp=fp16 needs CUDA (GradScaler); use train.amp=bf16 or none on {device.type}")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a TTY, silent otherwise
+
+    in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+    return tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
+                disable=False if in_notebook else None)
+
+
+def train(
+    cfg: Config,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    eval_fn: Callable[[nn.Module, int], dict] | None = None,
+    datasets=None,
+) -> TrainResult:
+    """Returns the trained model, its checkpoint <train.out>/last.ckpt and the loss history."""
+    from recontrast.loss import ReContrastLoss
+    from recontrast.model import build_model
+
+    t = cfg.train
+    device = pick_device(t.device)
+    amp = _amp_dtype(t.amp, device)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)
+    if datasets is None:
+        from recontrast.data import build_datasets
+
+        datasets = build_datasets(cfg.data)
+    batches = TrainBatches(datasets.train, cfg, device)  # checks batch size before any work
+
+    model = build_model(cfg).to(device)  # handles stable (partial BN), encoder BN mode, channels_last
+    optimizers = build_optimizers(cfg, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    loss_fn = ReContrastLoss(cfg.loss, t.iters)
+    path = Path(t.out) / "last.ckpt"
+    start, history, last_good = 0, [], None
+    if resume:
+        ckpt = load_checkpoint(path)
+        for change in config_changes(ckpt["config"], cfg):
+            log.warning("resume: setting changed since the checkpoint: %s", change)
+        restore_training_state(ckpt, model, optimizers, scaler)
+        start, history, last_good = ckpt["iteration"], list(ckpt["loss_history"]), path
+        log.info("resuming %s at iteration %d of %d", path, start, t.iters)
+
+    def save(iteration: int) -> Path:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise _diverged(iteration, "a weight", last_good, callbacks)
+        save_checkpoint(path, training_state(cfg, model, optimizers, scaler, iteration, history))
+        for cb in callbacks:
+            cb.on_checkpoint(iteration, path)
+        return path
+
+    result = TrainResult(model, path, start, history)
+    watch_from = warmup_iters(cfg) + t.divergence_window if t.divergence_window >= 3 else math.inf
+    for cb in callbacks:
+        cb.on_start(cfg, model, start)
+    log.info("training on %s: %d images, batch %d, iterations %d..%d",
+             device, len(datasets.train), t.batch_size, start, t.iters)
+    model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
+    tick, last_eval = (time.perf_counter(), start), None
+    with _progress(t.iters, start) as bar:
+        for it in range(start, t.iters):
+            if t.stable and it > 0 and it % t.reset_every == 0:
+                optimizers[0].state.clear()  # the stable variant: fresh decoder Adam moments
+            encoder_paused = t.stable and it >= t.reset_every and it % t.reset_every < t.encoder_pause
+            x = batches(it)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                pairs = model(x)
+            loss, info = loss_fn([(a.float(), b.float()) for a, b in pairs], it)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise _diverged(it, f"the loss ({value})", last_good, callbacks)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            for opt in optimizers[:1] if encoder_paused else optimizers:
+                scaler.step(opt)
+            scaler.update()
+            history.append(value)
+            done = result.iterations = it + 1
+
+            if (t.log_every > 0 and done % t.log_every == 0) or done == t.iters:
+                metrics = _log_metrics(history[tick[1] - done:], tick[0], info, optimizers, encoder_paused)
+                tick = (time.perf_counter(), done)
+                bar.set_postfix(loss=f"{value:.4f}", alpha=f"{metrics['alpha']:.2f}", refresh=False)
+                for cb in callbacks:
+                    cb.on_log(done, metrics)
+            bar.update(1)
+            if not result.diverged and done >= watch_from and rising_trend(history[-t.divergence_window:]):
+                _warn(result, callbacks, f"training may be diverging: the loss rose over iterations "
+                      f"{done - t.divergence_window}..{done} after the warm-up. Try train.stable=true, a "
+                      f"lower train.lr, a longer warm-up (loss.warmup_min_iters) or loss.factor > 0")
+            if (t.checkpoint_every > 0 and done % t.checkpoint_every == 0) or done == t.iters:
+                last_good = save(done)
+            if eval_fn is not None and t.eval_every > 0 and done % t.eval_every == 0:
+                last_eval = _evaluate(eval_fn, model, done, callbacks, result)
+    if eval_fn is not None and last_eval != result.iterations:
+        _evaluate(eval_fn, model, result.iterations, callbacks, result)
+    model.eval()
+    for cb in callbacks:
+        cb.on_end(result)
+    return result
+
+
+def _log_metrics(recent: list[float], since: float, info: dict, optimizers, encoder_paused: bool) -> dict:
+    """Returns what on_log gets: the last loss, its mean since the last log, alpha, lrs, it/s."""
+    metrics = {"loss": recent[-1], "loss_avg": sum(recent) / len(recent), "alpha": float(info["alpha"]),
+               "lr": optimizers[0].param_groups[0]["lr"],
+               "it_per_s": len(recent) / max(time.perf_counter() - since, 1e-9)}
+    if len(optimizers) > 1:
+        metrics["encoder_lr"] = 0.0 if encoder_paused else optimizers[1].param_groups[0]["lr"]
+    return metrics
+
+
+def _evaluate(eval_fn, model: nn.Module, iteration: int, callbacks, result: TrainResult) -> int:
+    model.eval()
+    result.metrics = dict(eval_fn(model, iteration) or {})
+    model.train()
+    for cb in callbacks:
+        cb.on_eval(iteration, result.metrics)
+    return iteration
+
+
+def _warn(result: TrainResult, callbacks, message: str) -> None:
+    result.diverged = True
+    result.warnings.append(message)
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    for cb in callbacks:
+        cb.on_warning(message)
+
+
+def _diverged(iteration: int, what: str, last_good: Path | None, callbacks) -> TrainingDiverged:
+    """Returns the error to raise, after telling the callbacks (MLflow records the reason)."""
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    message = (f"training diverged at iteration {iteration}: {what} is NaN/inf; {kept}. "
+               f"Try a lower train.lr, train.stable=true, or train.amp=none")
+    for cb in callbacks:
+        cb.on_warning(message)
+    return TrainingDiverged(message)
+
+
+def main_train(
+    config_path: str | Path | None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Returns the TrainResult of `recontrast train --config ... --set ... --out ...`.
+
+    Logs to MLflow through tracking.run_training when `track` and tracking.enabled; the
+    final evaluation is `recontrast evaluate --checkpoint <out>/last.ckpt`.
+    """
+    from recontrast.tracking import run_training
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(config_path, overrides)
+    if out is not None:
+        cfg.train.out = str(out)
+    result, _, run_id = run_training(cfg, resume=resume, track=track, evaluate_at_end=False,
+                                     callbacks=callbacks)
+    note = "; the loss trend rose, see the warning above" if result.diverged else ""
+    run = f"; MLflow run {run_id}" if run_id else ""
+    print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations{run}{note})")
+    return result
