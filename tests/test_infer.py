@@ -1,0 +1,180 @@
+"""Behaviour of inference: calibrated scores, dataset-identical preprocessing, robust batch
+prediction, and an ONNX graph that matches PyTorch."""
+from __future__ import annotations
+
+import csv
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recontrast import infer
+from recontrast.checkpoint import load_checkpoint, load_model, save_checkpoint
+from recontrast.config import Config, apply_overrides
+from recontrast.evaluate import main_evaluate, normalise
+
+CATEGORY = "disc"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny 64 px models run as fast on one thread, without oversubscribing shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def calibrated(synthetic_root, tmp_path_factory):
+    """Returns (checkpoint with calibration, EvalResult, test dataset) of a tiny resnet18 model."""
+    from recontrast.data import build_datasets
+    from recontrast.train import train
+
+    run = tmp_path_factory.mktemp("infer_run")
+    cfg = apply_overrides(Config(), {
+        "data.root": str(synthetic_root), "data.category": CATEGORY, "data.image_size": 64,
+        "data.val_fraction": 0.25, "model.backbone": "resnet18", "model.pretrained": "none",
+        "train.iters": 2, "train.batch_size": 4, "train.log_every": 0, "train.threads": 0,
+        "train.out": str(run), "tracking.enabled": False, "eval.figures": False, "eval.gif": False,
+    })
+    datasets = build_datasets(cfg.data)
+    ckpt = train(cfg, datasets=datasets).checkpoint
+    result = main_evaluate(ckpt, out=run / "eval", track=False)
+    return ckpt, result, datasets.test
+
+
+@pytest.fixture(scope="module")
+def detector(calibrated) -> infer.Detector:
+    return infer.Detector.load(calibrated[0])
+
+
+def test_predict_scores_are_normalised_to_the_threshold(calibrated, detector):
+    ckpt, result, test = calibrated
+    det = detector
+    cal = load_checkpoint(ckpt)["calibration"]
+    assert det.threshold_name == "normal" and det.threshold == cal["threshold_normal"]
+    paths = [s.path for s in test.samples]
+    with Image.open(paths[0]) as im:
+        pred = det.predict(im.copy())  # a PIL image
+    assert isinstance(pred, infer.Prediction)
+    assert pred.anomaly_map.shape == (64, 64) and pred.anomaly_map.dtype == np.float32
+    assert 0.0 <= pred.anomaly_map.min() and pred.anomaly_map.max() <= 1.0
+    # Same preprocessing as the dataset: raw scores equal evaluation's per-image scores.
+    by_path = {r["path"]: r["score"] for r in result.records}
+    preds = det.predict_batch([str(p) for p in paths])
+    for p, pr in zip(paths, preds):
+        assert pr.raw_score == pytest.approx(by_path[str(p)], rel=1e-5, abs=1e-6)
+        assert (pr.score > 0.5) == (pr.raw_score > det.threshold) == pr.is_anomalous
+        assert pr.score == pytest.approx(max(0.0, normalise(pr.raw_score, det.threshold, cal["map_offset"])))
+    # A custom threshold between two images' raw scores splits them, and reads 0.5.
+    raws = sorted(pr.raw_score for pr in preds)
+    middle = (raws[len(raws) // 2 - 1] + raws[len(raws) // 2]) / 2
+    custom = infer.Detector(det.model, 64, det.eval_cfg, cal, threshold=str(middle))
+    flags = [pr.is_anomalous for pr in custom.predict_batch([str(p) for p in paths])]
+    assert custom.threshold_name == "custom" and sum(flags) == sum(r > middle for r in raws)
+    assert infer.Detector(det.model, 64, det.eval_cfg, cal, threshold="f1").threshold == cal["threshold_f1"]
+
+
+def test_heatmaps_share_one_scale(calibrated, detector):
+    """Every map is normalise(raw map) with the same constants: with score = max, a normal
+    image below the threshold shows a map whose maximum IS its score (< 0.5), not 1."""
+    ckpt, _, test = calibrated
+    det = detector
+    preds = det.predict_batch([str(s.path) for s in test.samples])
+    x = torch.stack([test[i]["image"] for i in range(len(test))])
+    raw_maps, _ = det.raw(x)
+    for pr, raw in zip(preds, raw_maps):
+        expected = np.clip(normalise(raw[0].numpy(), det.threshold, det.offset), 0, 1)
+        assert np.allclose(pr.anomaly_map, expected, atol=1e-5)
+        if pr.score < 1.0:
+            assert pr.anomaly_map.max() == pytest.approx(pr.score, abs=1e-5)
+
+
+def test_grayscale_rgba_and_arrays_are_converted_like_the_dataset(calibrated, detector):
+    ckpt, _, test = calibrated
+    det = detector
+    with Image.open(test.samples[-1].path) as im:
+        rgb = im.convert("RGB")
+    rgba = rgb.copy()
+    rgba.putalpha(200)
+    base = det.predict(rgb).raw_score
+    assert det.predict(rgba).raw_score == pytest.approx(base, rel=1e-6)  # alpha dropped
+    assert det.predict(np.asarray(rgb)).raw_score == pytest.approx(base, rel=1e-6)
+    gray = det.predict(rgb.convert("L"))
+    assert gray.raw_score == pytest.approx(det.predict(rgb.convert("L").convert("RGB")).raw_score, rel=1e-6)
+
+
+def test_uncalibrated_checkpoint_gives_raw_scores_and_says_how_to_calibrate(calibrated, tmp_path):
+    ckpt, _, test = calibrated
+    state = load_checkpoint(ckpt)
+    state["calibration"] = {}
+    bare = save_checkpoint(tmp_path / "bare.ckpt", state)
+    with pytest.warns(UserWarning, match="run `recontrast evaluate"):
+        det = infer.Detector.load(bare)
+    pred = det.predict(str(test.samples[0].path))
+    assert pred.score is None and pred.is_anomalous is None and pred.threshold_name == "uncalibrated"
+    assert pred.raw_score > 0
+    # A number still works without calibration (on the 0.5 * raw / threshold scale).
+    custom = infer.Detector(det.model, 64, det.eval_cfg, {}, threshold="0.1")
+    pred = custom.predict(str(test.samples[0].path))
+    assert pred.is_anomalous is True and pred.score == pytest.approx(0.5 * pred.raw_score / 0.1)
+
+
+def test_main_predict_skips_a_corrupt_file_and_reports_it(calibrated, tmp_path, capsys):
+    ckpt, _, test = calibrated
+    folder = tmp_path / "inputs"
+    (folder / "sub").mkdir(parents=True)
+    good = [s.path for s in test.samples[:3]]
+    shutil.copy(good[0], folder / "a.png")
+    shutil.copy(good[1], folder / "sub" / "a.png")  # same file name in another folder
+    shutil.copy(good[2], folder / "c.jpg.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "preds"
+    with pytest.warns(infer.UnreadableImageWarning, match="broken.png"):
+        rows = infer.main_predict(ckpt, [str(folder)], out=out, threshold="normal")
+    assert len(rows) == 4
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.png")
+    with open(out / "predictions.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and sum(bool(r["error"]) for r in table) == 1
+    heatmaps = sorted(p.name for p in out.glob("*_heatmap.png"))
+    assert heatmaps == ["a_heatmap.png", "c.jpg_heatmap.png", "sub__a_heatmap.png"]
+    for name in heatmaps:
+        with Image.open(out / name) as im:
+            assert im.mode == "RGB" and im.size == (64, 64)
+    printed = capsys.readouterr().out
+    assert "broken.png" in printed and "UNREADABLE" in printed and "3 scored, 1 unreadable" in printed
+
+
+def test_main_predict_missing_input_is_a_clear_error(calibrated, tmp_path):
+    ckpt, _, _ = calibrated
+    with pytest.raises(FileNotFoundError, match="nope.png' does not exist"):
+        infer.main_predict(ckpt, [str(tmp_path / "nope.png")], out=tmp_path / "p")
+
+
+def test_onnx_export_matches_pytorch(calibrated, tmp_path):
+    import onnxruntime as ort
+
+    ckpt, _, test = calibrated
+    path = infer.export(ckpt, out=tmp_path / "model.onnx")
+    model, cfg, state = load_model(ckpt)
+    graph = infer.InferenceGraph(model, cfg.eval, 64).eval()
+    x = torch.stack([test[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        maps, scores = graph(x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        onnx_maps, onnx_scores = session.run(None, {"image": x.numpy()})
+    assert onnx_maps.shape == (3, 1, 64, 64) and onnx_scores.shape == (3,)
+    np.testing.assert_allclose(onnx_maps, maps.numpy(), atol=1e-4)
+    np.testing.assert_allclose(onnx_scores, scores.numpy(), atol=1e-4)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert '"threshold_normal"' in meta["recontrast.calibration"] and meta["recontrast.image_size"] == "64"
+    with pytest.raises(ValueError, match="multiple of 32"):
+        infer.export(ckpt, out=tmp_path / "bad.onnx", image_size=50)
