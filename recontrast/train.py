@@ -12,7 +12,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,6 +55,7 @@ class TrainResult:
     diverged: bool = False
     warnings: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)  # the last eval_fn result
+    fit_seconds: float = 0.0  # wall time of this call's training loop (checkpoints included)
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,9 +126,17 @@ def rising_trend(losses: Sequence[float], min_rise: float = 0.1, min_t: float = 
     return rise > min_rise and slope > min_t * stderr
 
 
+def stable_loss_config(cfg: Config):
+    """Returns cfg.loss, with the stable variant's alpha warm-up of at least 20 % (method.md)."""
+    if not cfg.train.stable or cfg.loss.warmup_fraction >= 0.2:
+        return cfg.loss
+    return replace(cfg.loss, warmup_fraction=0.2)
+
+
 def warmup_iters(cfg: Config) -> int:
     """Returns the length of the alpha warm-up (method.md), after which divergence is watched."""
-    return max(math.ceil(cfg.loss.warmup_fraction * cfg.train.iters), cfg.loss.warmup_min_iters)
+    loss = stable_loss_config(cfg)
+    return max(math.ceil(loss.warmup_fraction * cfg.train.iters), loss.warmup_min_iters)
 
 
 def build_optimizers(cfg: Config, model: nn.Module, device: torch.device) -> list[torch.optim.AdamW]:
@@ -184,7 +193,7 @@ def train(
     model = build_model(cfg).to(device)  # handles stable (partial BN), encoder BN mode, channels_last
     optimizers = build_optimizers(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    loss_fn = ReContrastLoss(cfg.loss, t.iters)
+    loss_fn = ReContrastLoss(stable_loss_config(cfg), t.iters)
     path = Path(t.out) / "last.ckpt"
     start, history, last_good = 0, [], None
     if resume:
@@ -211,6 +220,7 @@ def train(
              device, len(datasets.train), t.batch_size, start, t.iters)
     model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
     tick, last_eval = (time.perf_counter(), start), None
+    fit_start = tick[0]
     with _progress(t.iters, start) as bar:
         for it in range(start, t.iters):
             if t.stable and it > 0 and it % t.reset_every == 0:
@@ -247,6 +257,7 @@ def train(
                 last_good = save(done)
             if eval_fn is not None and t.eval_every > 0 and done % t.eval_every == 0:
                 last_eval = _evaluate(eval_fn, model, done, callbacks, result)
+    result.fit_seconds = time.perf_counter() - fit_start
     if eval_fn is not None and last_eval != result.iterations:
         _evaluate(eval_fn, model, result.iterations, callbacks, result)
     model.eval()

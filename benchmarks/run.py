@@ -1,0 +1,256 @@
+"""Accuracy and speed on real data: `make bench` or `python benchmarks/run.py`.
+
+Runs on ../shared/data/mvtec_ad_256/bottle when present (else on a synthetic category) and
+prints and saves (JSON + markdown, under --out) what it measured:
+- accuracy: image AUROC, pixel AUROC, AUPRO, pixel F1-max of the full method and of the
+  domain-adaptation-off baseline with the offline EfficientNet-Lite0 encoder
+  (experiments/cpu_bottle.yaml), last iteration, no selection on the test set;
+- speed: training it/s and img/s, inference img/s at batch 1 and 16, peak RSS, time to first
+  result;
+- cost growth: training step time and evaluation memory at 128/256/384 px; evaluation time
+  and memory as the test set doubles;
+- the reference comparison: WRN50, 256 px, batch 16 training step and batch-1 evaluation,
+  before (the reference's way: frozen encoder inside autograd, images decoded every step)
+  and after (this project's loop) in one run.
+Every measurement runs in a fresh subprocess so its peak RSS is its own. Accuracy runs are
+logged to MLflow (experiment `benchmark`) so the UI shows them side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "mvtec_ad_256"
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_gb() -> float:
+    """Returns this process's peak resident memory in GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def in_subprocess(fn, *args):
+    """Returns fn(*args) computed in a fresh spawned process (clean peak-RSS accounting)."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _config(config: str, overrides: list[str]):
+    from recontrast.config import load_config
+
+    return load_config(ROOT / config if not Path(config).is_absolute() else config, overrides)
+
+
+# --- accuracy ------------------------------------------------------------------------------
+def accuracy_run(config: str, overrides: list[str], threads: int) -> dict:
+    import torch
+
+    from recontrast.tracking import run_training
+
+    torch.set_num_threads(threads)
+    cfg = _config(config, overrides)
+    t0 = time.perf_counter()
+    result, evaluation, run_id = run_training(cfg)
+    total = time.perf_counter() - t0
+    fit = result.fit_seconds
+    m = evaluation.metrics
+    return {
+        "overrides": overrides, "run_id": run_id, "iterations": result.iterations,
+        "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
+        "pixel_f1max": m["pixel_f1max"], "image_ap": m["image_ap"], "pixel_ap": m["pixel_ap"],
+        "time_to_first_result_s": total, "fit_s": fit, "peak_rss_gb": peak_rss_gb(),
+        "final_loss": result.loss_history[-1], "checkpoint": str(result.checkpoint),
+    }
+
+
+# --- speed ---------------------------------------------------------------------------------
+def _train_batch(cfg, n: int):
+    import torch
+
+    from recontrast.data import build_datasets
+
+    ds = build_datasets(cfg.data).train
+    return torch.stack([ds[i % len(ds)]["image"] for i in range(n)])
+
+
+def train_step_time(config: str, overrides: list[str], threads: int, steps: int, naive: bool) -> dict:
+    """Returns seconds per training step (after one warm-up step) and peak RSS.
+
+    naive=True reproduces the reference's waste: the frozen encoder runs inside autograd
+    with requires_grad weights, and every step decodes and resizes its images from disk."""
+    import torch
+
+    from recontrast.data import build_datasets
+    from recontrast.loss import ReContrastLoss
+    from recontrast.model import build_model
+    from recontrast.train import build_optimizers
+
+    torch.set_num_threads(threads)
+    cfg = _config(config, overrides)
+    model = build_model(cfg)
+    optimizers = build_optimizers(cfg, model, torch.device("cpu"))
+    loss_fn = ReContrastLoss(cfg.loss, cfg.train.iters)
+    bs = cfg.train.batch_size
+    if naive:
+        raw = build_datasets(dataclasses.replace(cfg.data, cache=False)).train
+        model.encoder_frozen.requires_grad_(True)
+
+        def batch(it: int):
+            return torch.stack([raw[(it * bs + i) % len(raw)]["image"] for i in range(bs)])
+
+        def forward(x):
+            frozen = model.encoder_frozen(x)  # inside autograd, as in the reference
+            trained = model.encoder(x)
+            both = [torch.cat([t, f]) for t, f in zip(trained, frozen)]
+            decoded = model.decoder(model.bottleneck(both))
+            halves = [d.chunk(2) for d in decoded]
+            p0 = [h(d[0]) for h, d in zip(model.heads[0], halves)]
+            p1 = [h(d[1]) for h, d in zip(model.heads[1], halves)]
+            return list(zip(frozen, p0)) + list(zip(trained, p1))
+    else:
+        cached = _train_batch(cfg, bs)
+
+        def batch(it: int):
+            return cached
+
+        forward = model
+    model.train()
+    times = []
+    for it in range(steps + 1):
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(forward(batch(it)), it)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    step = sum(times[1:]) / steps
+    return {"step_s": step, "img_per_s": bs / step, "it_per_s": 1 / step, "peak_rss_gb": peak_rss_gb(),
+            "batch_size": bs, "image_size": cfg.data.image_size, "backbone": cfg.model.backbone, "naive": naive}
+
+
+def inference_speed(config: str, overrides: list[str], threads: int, batch_size: int, n_images: int,
+                    repeat: int = 1) -> dict:
+    """Returns evaluation throughput (anomaly maps + scores + streamed pixel metrics) and peak RSS.
+
+    repeat > 1 evaluates the test set that many times over (the memory-growth check)."""
+    import torch
+    from torch.utils.data import ConcatDataset, Subset
+
+    from recontrast.data import build_datasets
+    from recontrast.evaluate import evaluate
+    from recontrast.model import build_model
+
+    torch.set_num_threads(threads)
+    cfg = _config(config, overrides)
+    cfg.eval.batch_size = batch_size
+    test = build_datasets(cfg.data).test
+    data = Subset(test, list(range(min(n_images, len(test))))) if n_images else test
+    data = ConcatDataset([data] * repeat) if repeat > 1 else data
+    model = build_model(cfg).eval()
+    evaluate(model, Subset(test, list(range(min(2 * batch_size, len(test))))), cfg.eval)  # warm-up
+    t0 = time.perf_counter()
+    evaluate(model, data, cfg.eval)
+    elapsed = time.perf_counter() - t0
+    return {"images": len(data), "seconds": elapsed, "img_per_s": len(data) / elapsed,
+            "peak_rss_gb": peak_rss_gb(), "batch_size": batch_size, "image_size": cfg.data.image_size}
+
+
+# --- driver --------------------------------------------------------------------------------
+def data_overrides(out: Path) -> list[str]:
+    if (SHARED / "bottle").is_dir():
+        return [f"data.root={SHARED}", "data.category=bottle"]
+    from recontrast.synthetic import generate
+
+    root = out / "synthetic"
+    if not (root / "weave").is_dir():
+        generate(root, size=256, n_train=200, categories=["weave"])
+    return [f"data.root={root}", "data.category=weave"]
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Benchmark ({results['host']})", ""]
+    if "accuracy" in results:
+        lines += ["| variant | I-AUROC | P-AUROC | AUPRO@0.3 | P-F1max | train+eval s |", "|---|---|---|---|---|---|"]
+        for name, r in results["accuracy"].items():
+            lines.append(f"| {name} | {100 * r['image_auroc']:.2f} | {100 * r['pixel_auroc']:.2f} | "
+                         f"{100 * r['aupro']:.2f} | {100 * r['pixel_f1max']:.2f} | {r['time_to_first_result_s']:.0f} |")
+        lines.append("")
+    for section in ("speed", "scaling", "reference"):
+        if section in results:
+            lines += [f"## {section}", "", "```", json.dumps(results[section], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="experiments/cpu_bottle.yaml")
+    parser.add_argument("--sections", default="accuracy,speed,scaling,reference")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
+    parser.add_argument("--ref-steps", type=int, default=2)
+    args = parser.parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base = data_overrides(out) + ["tracking.experiment=benchmark", f"train.threads={args.threads}"] + args.set
+    sections = args.sections.split(",")
+    results: dict = {"host": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+                     "config": args.config, "base_overrides": base}
+
+    def show(name: str, value) -> None:
+        print(f"[bench] {name}: {json.dumps(value)}", flush=True)
+
+    if "accuracy" in sections:
+        results["accuracy"] = {}
+        for name, extra in {"full": [], "no_domain_adaptation": ["model.domain_adaptation=false"]}.items():
+            r = in_subprocess(accuracy_run, args.config, base + extra + [
+                f"train.out={out / name}", f"tracking.run_name=bench_{name}", f"tracking.ablation={name}"], args.threads)
+            results["accuracy"][name] = r
+            show(f"accuracy/{name}", r)
+    if "speed" in sections:
+        speed = {"train": in_subprocess(train_step_time, args.config, base, args.threads, 3, False)}
+        for bs in (1, 16):
+            speed[f"inference_b{bs}"] = in_subprocess(inference_speed, args.config, base, args.threads, bs, 32)
+        results["speed"] = speed
+        show("speed", speed)
+    if "scaling" in sections:
+        scaling = {}
+        for size in (128, 256, 384):
+            ov = base + [f"data.image_size={size}"]
+            scaling[f"train_{size}px"] = in_subprocess(train_step_time, args.config, ov, args.threads, 2, False)
+            scaling[f"eval_{size}px"] = in_subprocess(inference_speed, args.config, ov, args.threads, 16, 32)
+            show(f"scaling/{size}", [scaling[f"train_{size}px"], scaling[f"eval_{size}px"]])
+        for repeat in (1, 2, 4):
+            scaling[f"eval_testx{repeat}"] = in_subprocess(inference_speed, args.config, base, args.threads, 16, 0, repeat)
+            show(f"scaling/testx{repeat}", scaling[f"eval_testx{repeat}"])
+        results["scaling"] = scaling
+    if "reference" in sections:
+        ov = base + ["model.backbone=wide_resnet50_2", "model.pretrained=none", "model.width_mult=1.0",
+                     "data.image_size=256", "train.batch_size=16"]
+        ref = {"reference_impl": {"train_step_s": 50.8, "train_peak_gb": 12.5, "eval_img_per_s": 1.1, "eval_peak_gb": 2.4}}
+        ref["before"] = in_subprocess(train_step_time, args.config, ov, args.threads, args.ref_steps, True)
+        show("reference/before", ref["before"])
+        ref["after"] = in_subprocess(train_step_time, args.config, ov, args.threads, args.ref_steps, False)
+        show("reference/after", ref["after"])
+        ref["speedup_before_after"] = ref["before"]["step_s"] / ref["after"]["step_s"]
+        ref["eval_b1"] = in_subprocess(inference_speed, args.config, ov, args.threads, 1, 16)
+        show("reference/eval_b1", ref["eval_b1"])
+        results["reference"] = ref
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"saved {out / 'results.json'} and {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
