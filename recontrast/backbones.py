@@ -222,13 +222,15 @@ def _read_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
+        from recontrast.checkpoint import CheckpointError, safe_load
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
+            state = safe_load(path)
+        except CheckpointError as err:
             raise BackboneError(
-                f"cannot read weights file '{path}' ({type(err).__name__}: {err}); expected a "
-                "torch.save'd state_dict or a checkpoint dict with 'state_dict' or 'model'"
-            ) from err
+                f"cannot read weights file: {err}; expected a torch.save'd state_dict or a "
+                "checkpoint dict with 'state_dict' or 'model'"
+            ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -108,19 +108,16 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Returns the checkpoint dict at `path`, read with `weights_only=True` (never runs code)."""
-    path = Path(path)
-    if not path.is_file():
-        found = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
-        hint = f"; found: {', '.join(found)}" if found else ""
-        raise CheckpointError(f"no checkpoint file '{path}'{hint}")
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Returns torch.load(path) with weights_only=True; refuses anything that would run code."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
             AttributeError, ImportError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        lines = [s.strip() for s in str(err).splitlines() if s.strip() and not s.startswith(boilerplate)]
+        # torch's message ends by suggesting weights_only=False: bad advice for an untrusted file.
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                       "(1) ", "In PyTorch 2.6", "WeightsUnpickler", "Re-running")
+        lines = [s.strip() for s in str(err).splitlines() if s.strip() and not s.strip().startswith(boilerplate)]
         reason = " ".join(lines) or type(err).__name__
         raise CheckpointError(
             f"refused to load '{path}': it is not a recontrast checkpoint or state_dict that "
@@ -128,6 +125,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"never loaded). Only recontrast checkpoints/state_dicts are accepted. "
             f"Reason: {reason}"
         ) from None
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Returns the checkpoint dict at `path`, read with `weights_only=True` (never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        hint = f"; found: {', '.join(found)}" if found else ""
+        raise CheckpointError(f"no checkpoint file '{path}'{hint}")
+    ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = ckpt.get("format", "a dict without 'format'") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"recontrast {args.command}: {err}")
-    except Exception as err:  # known user-facing errors carry their fix in the message
-        if type(err).__name__.endswith(("Error", "NotFound")) and type(err).__module__.startswith("recontrast"):
+    except Exception as err:  # the package's own errors carry their fix in the message
+        if type(err).__module__.startswith("recontrast"):
             sys.exit(f"recontrast {args.command}: {type(err).__name__}: {err}")
         raise
 
