@@ -228,7 +228,7 @@ def _read_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
             state = safe_load(path)
         except CheckpointError as err:
             raise BackboneError(
-                f"cannot read weights file: {err}; expected a torch.save'd state_dict or a "
+                f"cannot read weights file '{path}': {err}; expected a torch.save'd state_dict or a "
                 "checkpoint dict with 'state_dict' or 'model'"
             ) from None
     for key in ("state_dict", "model"):

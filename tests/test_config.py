@@ -13,7 +13,9 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(None, ["train.iters=500", "model.contrast=false", "train.betas=[0.5, 0.9]", "loss.factor=0.1"])
+    cfg = load_config(None, ["train.iters=500", "model.contrast=false", "train.betas=[0.5, 0.9]", "loss.factor=0.1",
+                             "train.lr=1e-4"])
+    assert cfg.train.lr == 1e-4
     assert cfg.train.iters == 500 and cfg.model.contrast is False
     assert cfg.train.betas == (0.5, 0.9) and cfg.loss.factor == 0.1
 

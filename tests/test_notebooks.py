@@ -1,0 +1,95 @@
+"""The notebooks, executed by papermill with tiny parameters: 01 on the synthetic data;
+02 -> 03 -> 04 through the quick demo (`recontrast demo --quick`), checked in MLflow."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+from recontrast import tracking
+from recontrast.batch import kernel_name
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+
+
+def empty_store(tmp_path_factory, folder: Path) -> str:
+    """Returns the URI of a fresh sqlite store in `folder`: a copy of one made per session
+    (MLflow takes seconds to create its tables, a copy takes none)."""
+    template = tmp_path_factory.getbasetemp() / "mlflow_template.db"
+    if not template.exists():
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / "mlflow.db")
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+def test_notebooks_are_generated_by_make_notebooks_and_have_parameters():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    for name, cells in make.NOTEBOOKS.items():
+        built = make.build(name, cells)
+        committed = nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert committed.cells == built.cells, f"{name} differs: run python notebooks/make_notebooks.py"
+        tagged = [c for c in committed.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, name
+
+
+def outputs(path: Path) -> list[dict]:
+    return [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+
+
+@pytest.mark.slow
+def test_data_exploration_runs_on_the_synthetic_data(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "01.ipynb"
+    pm.execute_notebook(NOTEBOOKS / "01_data_exploration.ipynb", out, kernel_name=kernel_name(),
+                        cwd=str(REPO), progress_bar=False,
+                        parameters=dict(data_root=str(synthetic_root), category="disc", image_size=64))
+    images = [o for o in outputs(out) if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # counts, samples, mask statistics, image statistics, mean image
+    assert not [o for o in outputs(out) if o["output_type"] == "error"]
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path_factory, tmp_path, monkeypatch,
+                                                                       capsys):
+    from recontrast.demo import run_demo
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store(tmp_path_factory, tmp_path / "mlruns"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernels' torch: one thread wastes less on a busy CPU
+    report = run_demo(quick=True, workdir=tmp_path)
+    assert report.ok and [r.variant for r in report.results] == ["full", "no_da"]
+    assert "image_auroc (delta" in capsys.readouterr().out
+
+    client = tracking.get_client()
+    exp = client.get_experiment_by_name("demo")
+    assert exp.artifact_location == (tmp_path / "mlruns" / "artifacts").as_uri()
+    runs = {r.data.tags.get("ablation"): r for r in client.search_runs([exp.experiment_id], "tags.study = 'demo_quick'")
+            if r.data.tags.get("recontrast_role") != "study"}
+    assert set(runs) == {"full", "no_da"}
+    for variant, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == report.parent_run_id
+        assert run.data.params["model.domain_adaptation"] == str(variant == "full")
+        assert {"train/loss", "train/alpha", "image_auroc", "pixel_auroc", "aupro"} <= set(run.data.metrics)
+        files = {f.path for d in ("", "evaluation", "figures", "notebooks", "checkpoint")
+                 for f in client.list_artifacts(run.info.run_id, d or None)}
+        assert {"config.yaml", "checkpoint/last.ckpt", "evaluation/metrics.json", "evaluation/per_image.csv",
+                "figures/loss_curve.png", "notebooks/02_train.ipynb", "notebooks/03_evaluate.ipynb"} <= files
+        folder = tmp_path / "experiments" / "runs" / "demo_quick" / variant / "weave"
+        assert json.loads((folder / "done.json").read_text())["run_id"] == run.info.run_id
+
+    parent = client.get_run(report.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    compared = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/image_auroc.csv", "comparison/deltas.png", "comparison/04_ablations.ipynb"} <= compared

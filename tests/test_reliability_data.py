@@ -1,0 +1,264 @@
+"""Reliability, inputs: bad image files and bad configurations, tried end to end.
+
+Each test makes the fault happen on a real (tiny) dataset and checks what a researcher sees:
+a clear message naming the file/key and the fix, given before training starts (bad config:
+before anything is written, no run folder, no MLflow run), or with
+data.skip_bad_images=true a warning plus a logged count.
+tests/test_data.py covers the same faults at the dataset level; these go through
+`recontrast train` (cli.main), run_training and evaluate.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from recontrast import cli
+from recontrast.data import DataWarning
+from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
+
+CATEGORY = "weave"  # test/{good,hole,misweave,stain}, ground_truth/<type>/<stem>_mask.png
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # train.threads sets the process-wide count
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def root(tmp_path, synthetic_root) -> Path:
+    """Returns a writable copy of the synthetic dataset holding only CATEGORY (64 px)."""
+    shutil.copytree(synthetic_root / CATEGORY, tmp_path / "data" / CATEGORY)
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def _store_uri(tmp_path_factory) -> str:
+    """Returns one sqlite MLflow store for the module (creating its schema takes seconds)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables once
+    return uri
+
+
+@pytest.fixture
+def store(_store_uri, monkeypatch) -> str:
+    """Returns the URI of the sqlite MLflow store that the CLI uses in this test; tests tell
+    their runs apart by the run folder (param train.out), which is unique per test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri)
+    return _store_uri
+
+
+def write_config(folder: Path, root: Path, **sections) -> Path:
+    """Writes a tiny training config (resnet18 from scratch, 64 px, batch 2) and returns it."""
+    data = {
+        "data": {"root": str(root), "category": CATEGORY, "image_size": 64, "val_fraction": 0.0},
+        "model": {"backbone": "resnet18", "pretrained": "none"},
+        "train": {"iters": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "threads": 1},
+        "eval": {"figures": False, "gif": False},
+        "tracking": {"experiment": "reliability"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(argv: list[str]) -> str | None:
+    """Returns the message `recontrast ...` exits with (None when it succeeds)."""
+    try:
+        cli.main(argv)
+    except SystemExit as exit_:
+        assert isinstance(exit_.code, str), f"exit code {exit_.code!r}, not a message"
+        return exit_.code
+    return None
+
+
+def runs_in(uri: str, out: Path) -> list:
+    """Returns the runs in the store that trained (or tried to) into the run folder `out`."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(ids, run_view_type=ViewType.ALL, max_results=1000) if ids else []
+    return [r for r in runs if r.data.params.get("train.out") == str(out)]
+
+
+def _no_model(monkeypatch):
+    from recontrast import model as model_module
+
+    monkeypatch.setattr(model_module, "build_model", lambda cfg: pytest.fail("training started"))
+
+
+# ----------------------------------------------------------------------------- bad images
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _mask_8x8(p: Path) -> None:
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(p)
+
+
+DAMAGES = {
+    "truncated_png": ("train/good/003.png", _truncate, r"003\.png' is truncated or corrupt"),
+    "zero_byte": ("train/good/004.png", lambda p: p.write_bytes(b""), r"004\.png' is a zero-byte file"),
+    "text_as_png": ("train/good/005.png", lambda p: p.write_text("id,label\n1,good\n"),
+                    r"005\.png' is not an image"),
+    "text_as_jpg": ("test/good/new.jpg", lambda p: p.write_text("not a jpeg"), r"new\.jpg' is not an image"),
+    "corrupt_mask": ("ground_truth/hole/001_mask.png", _truncate, r"001_mask\.png' is truncated"),
+    "mask_other_size": ("ground_truth/stain/000_mask.png", _mask_8x8,
+                        r"000_mask\.png' is 8x8 but its image .*stain/000\.png' is 64x64"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_bad_file_stops_train_before_any_work_naming_the_file(damage, root, store, tmp_path, monkeypatch):
+    where, spoil, message = DAMAGES[damage]
+    spoil(root / CATEGORY / where)
+    _no_model(monkeypatch)
+    out = tmp_path / "run"
+    error = run_cli(["train", "--config", str(write_config(tmp_path, root)), "--out", str(out)])
+    assert error is not None, "training went ahead on a broken dataset"
+    assert error.startswith("recontrast train: BadImage") or "MaskMismatch" in error, error
+    assert re.search(message, error), error
+    if damage != "mask_other_size":  # unreadable files: the message names the way out
+        assert "replace or delete it, or set data.skip_bad_images=true" in error
+    assert not (out / "last.ckpt").exists()
+    # run_training records data failures in MLflow: a run may exist, but ended FAILED with the
+    # same message (what an overnight batch shows the next morning), never left RUNNING.
+    for run in runs_in(store, out):
+        assert run.info.status == "FAILED" and re.search(message, run.data.tags.get("error", ""))
+
+
+def test_skip_bad_images_trains_warns_and_logs_the_count(root, store, tmp_path):
+    _truncate(root / CATEGORY / "train" / "good" / "003.png")
+    (root / CATEGORY / "train" / "good" / "004.png").write_bytes(b"")
+    (root / CATEGORY / "test" / "good" / "002.png").write_text("not an image")
+    config = write_config(tmp_path, root, data={"skip_bad_images": True})
+    with pytest.warns(DataWarning, match="skipping") as caught:
+        assert run_cli(["train", "--config", str(config), "--out", str(tmp_path / "run")]) is None
+    skipped = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert len(skipped) == 3 and any("003.png" in m for m in skipped) and any("002.png" in m for m in skipped)
+    assert (tmp_path / "run" / "last.ckpt").is_file()
+
+    (run,) = runs_in(store, tmp_path / "run")
+    assert run.info.status == "FINISHED"
+    # The count must reach the run (a metric, param or tag whose name says "skipped"),
+    # not only the console: overnight batches are read from MLflow the next morning.
+    logged = {**run.data.metrics, **run.data.params, **run.data.tags}
+    counts = {k: v for k, v in logged.items() if "skipped" in k.lower()}
+    numbers = [float(v) for v in counts.values() if str(v).replace(".", "", 1).isdigit()]
+    assert numbers and (3.0 in numbers or sum(numbers) == 3.0), (
+        f"no skipped-file count in the MLflow run (metrics/params/tags containing 'skipped': {counts})")
+
+
+def _rgb_back(item) -> np.ndarray:
+    """Returns the item's image as (S, S, 3) on 0..255, undoing the ImageNet normalisation."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((item["image"] * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def test_odd_modes_and_a_10x_image_train_and_evaluate_correctly(root, tmp_path):
+    """16-bit, palette, RGBA, grayscale and a 640 px image among 64 px ones: training and
+    evaluation run, the big image is downscaled (not cropped) and its mask stays aligned."""
+    from recontrast.config import load_config
+    from recontrast.data import build_datasets
+    from recontrast.evaluate import evaluate
+    from recontrast.train import train
+
+    rng = np.random.default_rng(0)
+    good = root / CATEGORY / "train" / "good"
+    Image.fromarray(np.full((64, 64), 40000, np.uint16)).save(good / "000.png")  # 16-bit gray
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).convert("P").save(good / "001.png")
+    rgba = np.dstack([np.asarray(Image.open(good / "002.png").convert("RGB")), np.full((64, 64), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(good / "002.png")
+    Image.open(good / "003.png").convert("L").save(good / "003.png")
+    big = np.asarray(Image.open(good / "004.png").convert("RGB").resize((640, 640), Image.BICUBIC))
+    Image.fromarray(big).save(good / "004.png")
+    modes = {p.name: Image.open(p).mode for p in sorted(good.iterdir())[:5]}
+    assert modes == {"000.png": "I;16", "001.png": "P", "002.png": "RGBA", "003.png": "L", "004.png": "RGB"}
+    # A 10x defect image with its 10x mask, and a mask holding 0/128/255.
+    hole = root / CATEGORY / "test" / "hole" / "000.png"
+    Image.open(hole).convert("RGB").resize((640, 640), Image.BICUBIC).save(hole)
+    mask = np.zeros((640, 640), np.uint8)
+    mask[100:300, 200:400] = 255
+    Image.fromarray(mask).save(root / CATEGORY / "ground_truth" / "hole" / "000_mask.png")
+    grey = np.asarray(Image.open(root / CATEGORY / "ground_truth" / "stain" / "001_mask.png")).copy()
+    grey[:4, :4] = 128
+    Image.fromarray(grey).save(root / CATEGORY / "ground_truth" / "stain" / "001_mask.png")
+
+    cfg = load_config(write_config(tmp_path, root), [f"train.out={tmp_path / 'run'}", "tracking.enabled=false"])
+    datasets = build_datasets(cfg.data)
+    assert len(datasets.train) == 12 and not datasets.train.skipped and not datasets.test.skipped
+    item = datasets.train[4]
+    assert item["image"].shape == (3, 64, 64)
+    expected = np.asarray(Image.fromarray(big).resize((64, 64), Image.BILINEAR), np.float32)
+    assert np.abs(_rgb_back(item) - expected).mean() < 1.0 and np.abs(_rgb_back(item) - expected).max() < 8
+    assert np.allclose(_rgb_back(datasets.train[0]), 40000 / 257, atol=0.6)  # 16 bit scaled, not clipped
+    test_item = next(datasets.test[i] for i, s in enumerate(datasets.test.samples) if s.path == hole)
+    expected_mask = torch.zeros(1, 64, 64)
+    expected_mask[0, 10:30, 20:40] = 1
+    assert torch.equal(test_item["mask"], expected_mask)
+
+    result = train(cfg, datasets=datasets)
+    assert result.iterations == 2 and all(np.isfinite(result.loss_history))
+    with pytest.warns(DataWarning, match=r"001_mask\.png' holds values other than 0/255"):
+        evaluation = evaluate(result.model, datasets.test, cfg.eval)
+    assert len(evaluation.records) == len(datasets.test) == 15
+    assert all(np.isfinite(v) for v in evaluation.metrics.values())
+
+
+# ----------------------------------------------------------------------------- bad config
+CONFIG_FAULTS = {
+    "unknown_key": (["--set", "train.itres=5"], r"unknown config key 'train\.itres' \(did you mean 'train\.iters'\?\)"),
+    "unknown_section_in_yaml": ({"trian": {"iters": 5}}, r"unknown config key 'trian\.iters' \(did you mean 'train'\?\)"),
+    "wrong_type_override": (["--set", "train.iters=abc"], r"train\.iters: expected an integer, got 'abc'"),
+    "wrong_type_in_yaml": ({"train": {"lr": "fast"}}, r"train\.lr: expected a number, got 'fast'"),
+    "bool_as_string": (["--set", "model.contrast=maybe"], r"model\.contrast: expected true or false"),
+    "unknown_backbone": (["--set", "model.backbone=resnet19"],
+                         r"unknown backbone 'resnet19'; did you mean 'resnet18'\?"),
+    "size_not_multiple_of_32": (["--set", "data.image_size=100"],
+                                r"data\.image_size=100 must be a positive multiple of 32 .*try 96 or 128"),
+    "batch_larger_than_train_set": (["--set", "train.batch_size=13"],
+                                    r"train\.batch_size=13 but only 12 training images .*lower it"),
+}
+
+
+@pytest.mark.parametrize("fault", list(CONFIG_FAULTS))
+def test_a_bad_config_exits_with_the_fix_before_any_work(fault, root, store, tmp_path):
+    change, message = CONFIG_FAULTS[fault]
+    sets = change if isinstance(change, list) else []
+    config = write_config(tmp_path, root, **({} if isinstance(change, list) else change))
+    out = tmp_path / "run"
+    error = run_cli(["train", "--config", str(config), "--out", str(out), *sets])
+    assert error is not None and error.startswith("recontrast train: "), error
+    assert re.search(message, error), error
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    assert written == [], f"the run folder was written before the config error: {written}"
+    runs = [(r.info.status, r.data.tags.get("error", "")[:80]) for r in runs_in(store, out)]
+    assert runs == [], f"an MLflow run was created for a config that cannot work: {runs}"
+
+
+def test_the_cli_exit_is_one_line_without_a_traceback(root, tmp_path):
+    config = write_config(tmp_path, root)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recontrast.cli", "train", "--config", str(config), "--no-track",
+         "--out", str(tmp_path / "run"), "--set", "train.iters=abc", "model.backbone=resnet19"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "recontrast train: train.iters: expected an integer, got 'abc'"
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,338 @@
+"""Reliability, runs: a killed process, a full disk, parallel jobs on one MLflow store,
+untrusted files, exposed servers and determinism, each fault made to happen for real.
+
+Tiny models only (resnet18 from scratch, 64 px, batch 2, a few iterations, one thread).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from recontrast import cli
+from recontrast.checkpoint import CheckpointError, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORY = "weave"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # train.threads sets the process-wide count
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def _store_uri(tmp_path_factory) -> str:
+    """Returns one sqlite MLflow store for the module (creating its schema takes seconds)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables once
+    return uri
+
+
+@pytest.fixture
+def store(_store_uri, monkeypatch) -> str:
+    """Returns the URI of the sqlite MLflow store the CLI (and its children) use in this test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri)
+    return _store_uri
+
+
+def write_config(folder: Path, root: Path, **train) -> Path:
+    data = {
+        "data": {"root": str(root), "category": CATEGORY, "image_size": 64, "val_fraction": 0.0},
+        "model": {"backbone": "resnet18", "pretrained": "none"},
+        "train": {"iters": 6, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "threads": 1,
+                  **train},
+        "eval": {"figures": False, "gif": False},
+        "tracking": {"experiment": "reliability"},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(argv: list[str]) -> str | None:
+    """Returns the message `recontrast ...` exits with (None when it succeeds)."""
+    try:
+        cli.main(argv)
+    except SystemExit as exit_:
+        assert isinstance(exit_.code, str), f"exit code {exit_.code!r}, not a message"
+        return exit_.code
+    return None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+CHILD_TRAIN = textwrap.dedent("""
+    import sys, time
+    import recontrast.train as T
+    plain = T.TrainBatches.__call__
+    def slow(self, iteration):  # leaves time to kill mid-run; the numbers do not change
+        time.sleep(0.25)
+        return plain(self, iteration)
+    T.TrainBatches.__call__ = slow
+    from recontrast import cli
+    cli.main(sys.argv[1:])
+""")
+
+
+def test_sigkill_mid_training_resume_is_exact_and_the_run_is_not_left_running(synthetic_root, store, tmp_path):
+    config = write_config(tmp_path, synthetic_root, iters=8, checkpoint_every=2)
+    out, log = tmp_path / "killed", (tmp_path / "child.log").open("w")
+    child = subprocess.Popen([sys.executable, "-c", CHILD_TRAIN, "train", "--config", str(config),
+                              "--out", str(out)], stdout=log, stderr=subprocess.STDOUT)
+    delay = random.Random().uniform(0.0, 0.6)  # after the first checkpoint: iteration 2, 4 or 6
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.ckpt").is_file() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        assert child.poll() is None, f"the child ended before the kill: {(tmp_path / 'child.log').read_text()[-2000:]}"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        log.close()
+
+    ckpt = load_checkpoint(out / "last.ckpt")  # the last complete checkpoint loads
+    killed_at = ckpt["iteration"]
+    assert killed_at in (2, 4, 6) and len(ckpt["loss_history"]) == killed_at, (killed_at, delay)
+
+    from recontrast.tracking import read_run_id
+
+    run_id = read_run_id(out)
+    assert client(store).get_run(run_id).info.status == "RUNNING"
+    assert run_cli(["runs", "--fix-stale"]) is None  # `recontrast runs --fix-stale`
+    run = client(store).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error_type"] == "StaleRun"
+
+    assert run_cli(["train", "--config", str(config), "--out", str(out), "--resume"]) is None
+    assert client(store).get_run(run_id).info.status == "FINISHED"  # the same run, reopened
+    assert run_cli(["train", "--config", str(config), "--out", str(tmp_path / "ref"), "--no-track"]) is None
+    resumed, ref = load_checkpoint(out / "last.ckpt"), load_checkpoint(tmp_path / "ref" / "last.ckpt")
+    assert resumed["iteration"] == ref["iteration"] == 8
+    assert resumed["loss_history"] == ref["loss_history"], f"killed at {killed_at}"
+    assert same_weights(resumed["model"], ref["model"]), f"killed at {killed_at}"
+
+
+# ----------------------------------------------------------------------------- disk full / read-only
+def test_disk_full_at_a_checkpoint_keeps_the_previous_one(synthetic_root, store, tmp_path, monkeypatch):
+    import recontrast.checkpoint as C
+
+    config, out = write_config(tmp_path, synthetic_root, iters=4), tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        calls.append(obj.get("iteration"))
+        if len(calls) == 2:  # the checkpoint of iteration 4: half written, then ENOSPC
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(C.torch, "save", save_until_full)
+    error = run_cli(["train", "--config", str(config), "--out", str(out)])
+    monkeypatch.setattr(C.torch, "save", real_save)
+    assert error is not None and "CheckpointError" in error and "No space left on device" in error, error
+    assert str(out / "last.ckpt") in error and "previous checkpoint there is unchanged" in error
+    assert load_checkpoint(out / "last.ckpt")["iteration"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["last.ckpt", "mlflow_run_id"]  # no temp file left
+
+    (run,) = [r for r in client(store).search_runs([client(store).get_experiment_by_name("reliability").experiment_id])
+              if r.data.params.get("train.out") == str(out)]
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["error"]
+    assert run_cli(["train", "--config", str(config), "--out", str(out), "--resume"]) is None
+    assert load_checkpoint(out / "last.ckpt")["iteration"] == 4
+    assert client(store).get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_an_unwritable_output_folder_is_a_clear_error(synthetic_root, store, tmp_path, track):
+    """Tests run as root (chmod does not stop root): the output's parent is a file instead."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the run folder should be")
+    out = blocker / "run"
+    argv = ["train", "--config", str(write_config(tmp_path, synthetic_root)), "--out", str(out)]
+    try:
+        error = run_cli(argv + ([] if track else ["--no-track"]))
+    except OSError as err:  # what the user would see as a traceback
+        pytest.fail(f"a traceback instead of a message: {type(err).__name__}: {err}")
+    assert error is not None and str(out) in error and "writable" in error, error
+    assert blocker.read_text().startswith("a file")
+
+
+# ----------------------------------------------------------------------------- parallel jobs
+CHILD_LOG = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    uri, folder, i, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    from recontrast import tracking
+    from recontrast.config import Config, apply_overrides
+    cfg = apply_overrides(Config(), {"tracking.uri": uri, "tracking.experiment": "parallel",
+                                     "data.category": f"job{i}", "tracking.study": "par"})
+    (folder / f"ready{i}").touch()
+    while not (folder / "go").exists():  # all four start writing at once
+        time.sleep(0.01)
+    with tracking.start_run(cfg, run_name=f"job{i}") as run:
+        cb = tracking.MLflowCallback(run, flush_every_s=3600)
+        for step in range(1, steps + 1):
+            cb.on_log(step, {"loss": 1.0 / step, "job": float(i)})
+            if step % 4 == 0:
+                cb.flush()  # one sqlite write per 4 steps (the callback flushes every 10 s)
+        cb.on_end(type("R", (), {"iterations": steps, "diverged": False})())
+    print(run.run_id)
+""")
+
+
+def _parallel_jobs(folder: Path, uri: str, steps: int, jobs: int = 4) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD_LOG, uri, str(folder), str(i), str(steps)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(jobs)]
+    deadline = time.monotonic() + 120
+    while not all((folder / f"ready{i}").exists() for i in range(jobs)) and time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    (folder / "go").touch()
+    return [subprocess.CompletedProcess(p.args, p.wait(240), *p.communicate()) for p in procs]
+
+
+def _check_runs(uri: str, results, steps: int, jobs: int = 4) -> None:
+    failures = [r.stderr.strip().splitlines()[-1] for r in results if r.returncode != 0]
+    assert not failures, f"{len(failures)} of {jobs} jobs failed: {failures}"
+    c = client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("parallel").experiment_id], max_results=100)
+    assert sorted(r.info.run_id for r in runs) == sorted(r.stdout.strip() for r in results)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        history = c.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1)), run.info.run_name
+        assert all(abs(m.value - 1.0 / m.step) < 1e-12 for m in history)
+        assert run.data.metrics["train/iterations"] == steps
+
+
+def test_four_parallel_jobs_on_one_fresh_sqlite_store(tmp_path):
+    """Four jobs start together on a store that does not exist yet (four `recontrast train`
+    from a shell loop; `recontrast batch --jobs 4` creates the store first, a subset of this)
+    and each logs 200 steps: no "database is locked", no lost step, every run FINISHED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _check_runs(uri, _parallel_jobs(tmp_path, uri, steps=200), steps=200)
+
+
+# ----------------------------------------------------------------------------- untrusted files
+class Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_files(folder: Path) -> tuple[Path, list[Path]]:
+    marker = folder / "code_ran"
+    zipped, legacy = folder / "evil_zip.ckpt", folder / "evil_legacy.pth"
+    payload = {"format": "recontrast-ckpt-v1", "model": {"w": torch.zeros(1)}, "extra": Evil(marker)}
+    torch.save(payload, zipped)
+    torch.save(payload, legacy, _use_new_zipfile_serialization=False)
+    return marker, [zipped, legacy]
+
+
+def test_malicious_checkpoints_are_refused_by_evaluate_and_predict(synthetic_root, tmp_path):
+    from recontrast.infer import Detector
+
+    marker, files = _evil_files(tmp_path)
+    image = next((synthetic_root / CATEGORY / "test" / "good").iterdir())
+    for path in files:
+        for argv in (["evaluate", "--checkpoint", str(path), "--no-track"],
+                     ["predict", "--checkpoint", str(path), str(image), "--out", str(tmp_path / "preds")]):
+            error = run_cli(argv)
+            assert error is not None and f"refused to load '{path}'" in error, error
+            assert "weights_only=True" in error and "never loaded" in error
+        with pytest.raises(CheckpointError, match="refused"):
+            Detector.load(path)
+    assert not marker.exists(), "unpickling ran the attacker's code"
+
+
+def test_malicious_pretrained_weights_are_refused(synthetic_root, tmp_path):
+    from recontrast.backbones import BackboneError, create_encoder
+
+    marker, files = _evil_files(tmp_path)
+    config = write_config(tmp_path, synthetic_root)
+    for path in files:
+        with pytest.raises(BackboneError, match=rf"(?s)cannot read weights file '{path}'.*weights_only"):
+            create_encoder("resnet18", str(path))
+        assert not marker.exists(), "unpickling ran the attacker's code"
+        error = run_cli(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-track",
+                         "--set", f"model.pretrained={path}"])
+        assert not marker.exists(), "unpickling ran the attacker's code"
+        assert error is not None and str(path) in error and "BackboneError" in error, error
+        assert "posix.system" in error  # says what the file tried to run
+        # ... and never advises what torch's own message does for an untrusted file:
+        assert "will likely succeed" not in error and "set to `False`" not in error, error
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+
+
+def _make_n(target: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "MAKEFLAGS", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_lab_and_ui_bind_to_loopback_and_lab_keeps_its_token():
+    lab = [line for line in _make_n("lab").splitlines() if "jupyter" in line and " lab" in line]
+    ui = [line for line in _make_n("ui").splitlines() if "mlflow" in line and " ui" in line]
+    assert len(lab) == 1 and len(ui) == 1, (lab, ui)
+    assert "--ip 127.0.0.1" in lab[0], lab[0]
+    assert "token" not in lab[0].lower() and "password" not in lab[0].lower(), lab[0]
+    assert "--host 127.0.0.1" in ui[0], ui[0]
+    assert "0.0.0.0" not in lab[0] + ui[0]
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_config_and_seed_give_the_same_metrics_on_cpu(synthetic_root, tmp_path):
+    from recontrast.config import load_config
+    from recontrast.data import build_datasets
+    from recontrast.evaluate import evaluate
+    from recontrast.train import train
+
+    results = []
+    for name in ("first", "second"):
+        cfg = load_config(write_config(tmp_path / name, synthetic_root, iters=4, checkpoint_every=0),
+                          [f"train.out={tmp_path / name}", "tracking.enabled=false", "train.device=cpu"])
+        datasets = build_datasets(cfg.data)  # decoded from disk again, like a second run
+        trained = train(cfg, datasets=datasets)
+        results.append((trained, evaluate(trained.model, datasets.test, cfg.eval).metrics))
+    (a, ma), (b, mb) = results
+    assert a.loss_history == b.loss_history
+    assert same_weights(a.model.state_dict(), b.model.state_dict())
+    assert ma.keys() == mb.keys() and len(ma) > 5
+    for key in ma:
+        assert np.isclose(float(ma[key]), float(mb[key]), rtol=0, atol=1e-6, equal_nan=True), key
