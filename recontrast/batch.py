@@ -435,20 +435,26 @@ def _parent_run(base: Config, spec: Study, todo: list[Job]):
 
 
 # ----------------------------------------------------------------------------- results
+def _experiment_ids(client, experiment: str | None) -> list[str]:
+    """Returns the id of `experiment` ([] when it does not exist), or of every active
+    experiment when `experiment` is None or empty."""
+    from mlflow.entities import ViewType
+
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        return [exp.experiment_id] if exp else []
+    return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
 def study_results(study: str, experiment: str | None = None, uri: str | None = None):
     """Returns a DataFrame, one row per run of `study` (latest per variant and category):
     run_id, variant, category, status, the switches in SWITCHES and every metric."""
     import pandas as pd
-    from mlflow.entities import ViewType
 
     from recontrast import tracking
 
     client = tracking.get_client(uri=uri)
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        experiments = [exp.experiment_id] if exp else []
-    else:
-        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    experiments = _experiment_ids(client, experiment)
     rows, variant_order = [], []
     for i in range(0, len(experiments), 100):
         for run in client.search_runs(experiments[i:i + 100], f"tags.study = '{study}'", max_results=5000,
@@ -515,16 +521,10 @@ def log_comparison(study: str, paths: Sequence[str | Path], experiment: str | No
                    uri: str | None = None) -> str:
     """Returns the id of the run the comparison files were logged to (under comparison/):
     the study's parent run, or a new run '<study>-comparison' when there is none."""
-    from mlflow.entities import ViewType
-
     from recontrast import tracking
 
     client = tracking.get_client(uri=uri)
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        experiments = [exp.experiment_id] if exp else []
-    else:
-        experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    experiments = _experiment_ids(client, experiment)
     found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
                                max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
     if found:

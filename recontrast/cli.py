@@ -28,7 +28,10 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = list(args.set) + ([f"train.out={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides)
-    result, _, run_id = run_training(cfg, resume=args.resume, track=not args.no_track)
+    result, evaluation, run_id = run_training(cfg, resume=args.resume, track=not args.no_track)
+    if evaluation is not None:
+        print(evaluation.table())
+        print(f"figures and metrics: {evaluation.out_dir}")
     print(f"checkpoint: {result.checkpoint}" + (f"  (MLflow run {run_id})" if run_id else ""))
 
 

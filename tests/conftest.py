@@ -1,9 +1,16 @@
-"""Shared fixtures: a tiny synthetic dataset and the real MVTec AD copy (when present)."""
+"""Shared fixtures and helpers: a tiny synthetic dataset, the real MVTec AD copy (when
+present), one torch thread per test, MLflow stores and the reliability tests' CLI helpers.
+
+Test modules import the plain helpers and constants with `from conftest import ...`.
+"""
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from recontrast import synthetic
 
@@ -29,3 +36,95 @@ def real_mvtec_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real MVTec AD copy not found at {root}")
     return root
+
+
+# ----------------------------------------------------------------------------- threads
+@contextlib.contextmanager
+def one_thread():
+    """Runs the block on one torch thread, then restores the process-wide thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Runs each test on one torch thread and restores the count afterwards.
+
+    Tiny 64 px models run as fast on one thread, without oversubscribing shared CPUs;
+    train.threads changes the process-wide count, so restore it. Module-scoped fixtures
+    are set up before this one: the ones that train wrap their work in `one_thread()`.
+    """
+    with one_thread():
+        yield
+
+
+# ----------------------------------------------------------------------------- MLflow
+def empty_store(tmp_path_factory, folder: Path) -> str:
+    """Returns the URI of a fresh sqlite store in `folder`: a copy of one made per session
+    (MLflow takes seconds to create its tables, a copy takes none)."""
+    template = tmp_path_factory.getbasetemp() / "mlflow_template.db"
+    if not template.exists():
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, folder / "mlflow.db")
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def _store_uri(tmp_path_factory) -> str:
+    """Returns one sqlite MLflow store for the module (creating its schema takes seconds)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables once
+    return uri
+
+
+@pytest.fixture
+def store(_store_uri, monkeypatch) -> str:
+    """Returns the URI of the module's sqlite MLflow store, which the CLI (and its children)
+    use in this test; tests tell their runs apart by the run folder (param train.out).
+
+    tests/test_batch.py overrides it with a fresh store per test.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri)
+    return _store_uri
+
+
+# ----------------------------------------------------------------------------- CLI
+def write_config(folder: Path, root: Path, category: str, **sections) -> Path:
+    """Writes `folder`/config.yaml, a tiny training config (resnet18 from scratch, 64 px,
+    batch 2, 2 iterations, one thread) updated section by section, and returns its path."""
+    data = {
+        "data": {"root": str(root), "category": category, "image_size": 64, "val_fraction": 0.0},
+        "model": {"backbone": "resnet18", "pretrained": "none"},
+        "train": {"iters": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "threads": 1},
+        "eval": {"figures": False, "gif": False},
+        "tracking": {"experiment": "reliability"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(argv: list[str]) -> str | None:
+    """Returns the message `recontrast ...` exits with (None when it succeeds)."""
+    from recontrast import cli
+
+    try:
+        cli.main(argv)
+    except SystemExit as exit_:
+        assert isinstance(exit_.code, str), f"exit code {exit_.code!r}, not a message"
+        return exit_.code
+    return None

@@ -16,16 +16,6 @@ from recontrast.backbones import BackboneError, create_encoder, load_offline_lit
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Runs each test on one torch thread: on the shared 2-core dev machine a 2-thread pool
-    oversubscribes and small convolutions run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_offline_lite0_weights_are_imagenet_weights():
     skdata = pytest.importorskip("skimage.data")
     model = load_offline_lite(0).eval()

@@ -2,31 +2,18 @@
 parent run, and one real failing pair through papermill."""
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import empty_store
 from recontrast import batch, tracking
 from recontrast.batch import PairResult
 from recontrast.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def empty_store(tmp_path_factory, folder: Path) -> str:
-    """Returns the URI of a fresh sqlite store in `folder`: a copy of one made per session
-    (MLflow takes seconds to create its tables, a copy takes none)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow_template.db"
-    if not template.exists():
-        from mlflow import MlflowClient
-
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder}/mlflow.db"
 
 
 @pytest.fixture()

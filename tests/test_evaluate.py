@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_thread
 from recontrast import evaluate as E
 from recontrast.checkpoint import load_checkpoint, load_model
 from recontrast.config import Config, apply_overrides
@@ -26,15 +27,6 @@ def tiny_cfg(root, out) -> Config:
     })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 64 px models run as fast on one thread, without oversubscribing shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def evaluated(synthetic_root, tmp_path_factory):
     """Returns (checkpoint, EvalResult, out dir, datasets) after `main_evaluate` on a tiny model."""
@@ -44,8 +36,9 @@ def evaluated(synthetic_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("eval_run")
     cfg = tiny_cfg(synthetic_root, run)
     datasets = build_datasets(cfg.data)
-    ckpt = train(cfg, datasets=datasets).checkpoint
-    result = E.main_evaluate(ckpt, out=run / "eval", track=False)
+    with one_thread():
+        ckpt = train(cfg, datasets=datasets).checkpoint
+        result = E.main_evaluate(ckpt, out=run / "eval", track=False)
     return ckpt, result, run / "eval", datasets
 
 

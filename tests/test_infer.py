@@ -11,21 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_thread
 from recontrast import infer
 from recontrast.checkpoint import load_checkpoint, load_model, save_checkpoint
 from recontrast.config import Config, apply_overrides
 from recontrast.evaluate import main_evaluate, normalise
 
 CATEGORY = "disc"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 64 px models run as fast on one thread, without oversubscribing shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +34,9 @@ def calibrated(synthetic_root, tmp_path_factory):
         "train.out": str(run), "tracking.enabled": False, "eval.figures": False, "eval.gif": False,
     })
     datasets = build_datasets(cfg.data)
-    ckpt = train(cfg, datasets=datasets).checkpoint
-    result = main_evaluate(ckpt, out=run / "eval", track=False)
+    with one_thread():
+        ckpt = train(cfg, datasets=datasets).checkpoint
+        result = main_evaluate(ckpt, out=run / "eval", track=False)
     return ckpt, result, datasets.test
 
 

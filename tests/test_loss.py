@@ -10,16 +10,6 @@ from recontrast.config import LossConfig
 from recontrast.loss import ReContrastLoss, alpha_at
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Runs each test on one torch thread: on the shared 2-core dev machine a 2-thread pool
-    oversubscribes and small convolutions run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(seed: int = 0, shape=(2, 8, 6, 6)):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(shape, generator=g)

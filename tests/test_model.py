@@ -12,16 +12,6 @@ from recontrast.loss import ReContrastLoss
 from recontrast.model import PartialBatchNorm2d, ReContrast, build_model
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Runs each test on one torch thread: on the shared 2-core dev machine a 2-thread pool
-    oversubscribes and small convolutions run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(backbone: str = "resnet18", seed: int = 0, **kw) -> ReContrast:
     torch.manual_seed(seed)
     encoder, channels = create_encoder(backbone, "none")

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nbformat
 import papermill as pm
 import pytest
 
+from conftest import empty_store
 from recontrast import tracking
 from recontrast.batch import kernel_name
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-
-
-def empty_store(tmp_path_factory, folder: Path) -> str:
-    """Returns the URI of a fresh sqlite store in `folder`: a copy of one made per session
-    (MLflow takes seconds to create its tables, a copy takes none)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow_template.db"
-    if not template.exists():
-        from mlflow import MlflowClient
-
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder}/mlflow.db"
 
 
 def test_notebooks_are_generated_by_make_notebooks_and_have_parameters():

@@ -18,21 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from recontrast import cli
+from conftest import run_cli, write_config
 from recontrast.data import DataWarning
 from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 
 CATEGORY = "weave"  # test/{good,hole,misweave,stain}, ground_truth/<type>/<stem>_mask.png
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # train.threads sets the process-wide count
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -40,50 +32,6 @@ def root(tmp_path, synthetic_root) -> Path:
     """Returns a writable copy of the synthetic dataset holding only CATEGORY (64 px)."""
     shutil.copytree(synthetic_root / CATEGORY, tmp_path / "data" / CATEGORY)
     return tmp_path / "data"
-
-
-@pytest.fixture(scope="module")
-def _store_uri(tmp_path_factory) -> str:
-    """Returns one sqlite MLflow store for the module (creating its schema takes seconds)."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables once
-    return uri
-
-
-@pytest.fixture
-def store(_store_uri, monkeypatch) -> str:
-    """Returns the URI of the sqlite MLflow store that the CLI uses in this test; tests tell
-    their runs apart by the run folder (param train.out), which is unique per test."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri)
-    return _store_uri
-
-
-def write_config(folder: Path, root: Path, **sections) -> Path:
-    """Writes a tiny training config (resnet18 from scratch, 64 px, batch 2) and returns it."""
-    data = {
-        "data": {"root": str(root), "category": CATEGORY, "image_size": 64, "val_fraction": 0.0},
-        "model": {"backbone": "resnet18", "pretrained": "none"},
-        "train": {"iters": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "threads": 1},
-        "eval": {"figures": False, "gif": False},
-        "tracking": {"experiment": "reliability"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def run_cli(argv: list[str]) -> str | None:
-    """Returns the message `recontrast ...` exits with (None when it succeeds)."""
-    try:
-        cli.main(argv)
-    except SystemExit as exit_:
-        assert isinstance(exit_.code, str), f"exit code {exit_.code!r}, not a message"
-        return exit_.code
-    return None
 
 
 def runs_in(uri: str, out: Path) -> list:
@@ -130,7 +78,7 @@ def test_a_bad_file_stops_train_before_any_work_naming_the_file(damage, root, st
     spoil(root / CATEGORY / where)
     _no_model(monkeypatch)
     out = tmp_path / "run"
-    error = run_cli(["train", "--config", str(write_config(tmp_path, root)), "--out", str(out)])
+    error = run_cli(["train", "--config", str(write_config(tmp_path, root, CATEGORY)), "--out", str(out)])
     assert error is not None, "training went ahead on a broken dataset"
     assert error.startswith("recontrast train: BadImage") or "MaskMismatch" in error, error
     assert re.search(message, error), error
@@ -147,7 +95,7 @@ def test_skip_bad_images_trains_warns_and_logs_the_count(root, store, tmp_path):
     _truncate(root / CATEGORY / "train" / "good" / "003.png")
     (root / CATEGORY / "train" / "good" / "004.png").write_bytes(b"")
     (root / CATEGORY / "test" / "good" / "002.png").write_text("not an image")
-    config = write_config(tmp_path, root, data={"skip_bad_images": True})
+    config = write_config(tmp_path, root, CATEGORY, data={"skip_bad_images": True})
     with pytest.warns(DataWarning, match="skipping") as caught:
         assert run_cli(["train", "--config", str(config), "--out", str(tmp_path / "run")]) is None
     skipped = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
@@ -200,7 +148,8 @@ def test_odd_modes_and_a_10x_image_train_and_evaluate_correctly(root, tmp_path):
     grey[:4, :4] = 128
     Image.fromarray(grey).save(root / CATEGORY / "ground_truth" / "stain" / "001_mask.png")
 
-    cfg = load_config(write_config(tmp_path, root), [f"train.out={tmp_path / 'run'}", "tracking.enabled=false"])
+    cfg = load_config(write_config(tmp_path, root, CATEGORY),
+                      [f"train.out={tmp_path / 'run'}", "tracking.enabled=false"])
     datasets = build_datasets(cfg.data)
     assert len(datasets.train) == 12 and not datasets.train.skipped and not datasets.test.skipped
     item = datasets.train[4]
@@ -241,7 +190,7 @@ CONFIG_FAULTS = {
 def test_a_bad_config_exits_with_the_fix_before_any_work(fault, root, store, tmp_path):
     change, message = CONFIG_FAULTS[fault]
     sets = change if isinstance(change, list) else []
-    config = write_config(tmp_path, root, **({} if isinstance(change, list) else change))
+    config = write_config(tmp_path, root, CATEGORY, **({} if isinstance(change, list) else change))
     out = tmp_path / "run"
     error = run_cli(["train", "--config", str(config), "--out", str(out), *sets])
     assert error is not None and error.startswith("recontrast train: "), error
@@ -253,7 +202,7 @@ def test_a_bad_config_exits_with_the_fix_before_any_work(fault, root, store, tmp
 
 
 def test_the_cli_exit_is_one_line_without_a_traceback(root, tmp_path):
-    config = write_config(tmp_path, root)
+    config = write_config(tmp_path, root, CATEGORY)
     proc = subprocess.run(
         [sys.executable, "-m", "recontrast.cli", "train", "--config", str(config), "--no-track",
          "--out", str(tmp_path / "run"), "--set", "train.iters=abc", "model.backbone=resnet19"],

@@ -19,62 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from recontrast import cli
+from conftest import run_cli
+from conftest import write_config as shared_write_config
 from recontrast.checkpoint import CheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORY = "weave"
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # train.threads sets the process-wide count
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def _store_uri(tmp_path_factory) -> str:
-    """Returns one sqlite MLflow store for the module (creating its schema takes seconds)."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables once
-    return uri
-
-
-@pytest.fixture
-def store(_store_uri, monkeypatch) -> str:
-    """Returns the URI of the sqlite MLflow store the CLI (and its children) use in this test."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri)
-    return _store_uri
-
-
 def write_config(folder: Path, root: Path, **train) -> Path:
-    data = {
-        "data": {"root": str(root), "category": CATEGORY, "image_size": 64, "val_fraction": 0.0},
-        "model": {"backbone": "resnet18", "pretrained": "none"},
-        "train": {"iters": 6, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "threads": 1,
-                  **train},
-        "eval": {"figures": False, "gif": False},
-        "tracking": {"experiment": "reliability"},
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def run_cli(argv: list[str]) -> str | None:
-    """Returns the message `recontrast ...` exits with (None when it succeeds)."""
-    try:
-        cli.main(argv)
-    except SystemExit as exit_:
-        assert isinstance(exit_.code, str), f"exit code {exit_.code!r}, not a message"
-        return exit_.code
-    return None
+    """Writes a tiny training config of 6 iterations (train keys override) and returns it."""
+    return shared_write_config(folder, root, CATEGORY, train={"iters": 6, **train})
 
 
 def client(uri: str):

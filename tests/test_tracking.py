@@ -3,7 +3,6 @@ and one run holding a training, its resumption and its evaluation."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,24 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import empty_store
 from recontrast import tracking
 from recontrast.config import load_config
 from recontrast.train import Callback, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def empty_store(tmp_path_factory, folder: Path) -> str:
-    """Returns the URI of a fresh sqlite store in `folder`: a copy of one made per session
-    (MLflow takes seconds to create its tables, a copy takes none)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow_template.db"
-    if not template.exists():
-        from mlflow import MlflowClient
-
-        MlflowClient(f"sqlite:///{template}").search_experiments()
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder}/mlflow.db"
 
 
 @pytest.fixture(scope="module")

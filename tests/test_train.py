@@ -25,13 +25,6 @@ def tiny_cfg(root, out, **overrides) -> Config:
     return apply_overrides(Config(), {**base, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()  # train.threads sets the process-wide count
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def datasets(synthetic_root):
     from recontrast.data import build_datasets
