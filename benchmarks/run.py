@@ -154,10 +154,13 @@ def inference_speed(config: str, overrides: list[str], threads: int, batch_size:
     cfg = _config(config, overrides)
     cfg.eval.batch_size = batch_size
     test = build_datasets(cfg.data).test
-    data = Subset(test, list(range(min(n_images, len(test))))) if n_images else test
+    def spread(n: int) -> Subset:  # good and defect images alike (the folders are sorted)
+        return Subset(test, list(range(0, len(test), max(1, len(test) // n)))[:n])
+
+    data = spread(n_images) if n_images else test
     data = ConcatDataset([data] * repeat) if repeat > 1 else data
     model = build_model(cfg).eval()
-    evaluate(model, Subset(test, list(range(min(2 * batch_size, len(test))))), cfg.eval)  # warm-up
+    evaluate(model, spread(min(2 * batch_size, len(test))), cfg.eval)  # warm-up
     t0 = time.perf_counter()
     evaluate(model, data, cfg.eval)
     elapsed = time.perf_counter() - t0

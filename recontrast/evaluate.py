@@ -270,10 +270,14 @@ def evaluate(
         tp = float((pred & (labels == 1)).sum())
         metrics["image_f1_at_normal"] = 2 * tp / max(pred.sum() + (labels == 1).sum(), 1)
 
-    name, threshold = pick_threshold(calibration)
+    try:
+        (name, threshold), calibrated = pick_threshold(calibration), True
+    except ValueError:  # e.g. a test set of one class and no held-out good images:
+        # the figures still need one fixed scale; the records say "not calibrated".
+        name, threshold, calibrated = "uncalibrated (max score)", float(np.max(scores)), False
     for r in records:
-        r["score_normalised"] = normalise(r["score"], threshold, calibration["map_offset"])
-        r["anomalous"] = int(r["score"] > threshold)
+        r["score_normalised"] = normalise(r["score"], threshold, calibration["map_offset"]) if calibrated else math.nan
+        r["anomalous"] = int(r["score"] > threshold) if calibrated else -1
 
     result = EvalResult(metrics=metrics, records=records, calibration=calibration,
                         pixel_error_bounds=pixel.error_bounds() if pixel is not None else {})

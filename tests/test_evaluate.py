@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 
 import numpy as np
@@ -198,3 +199,17 @@ def test_main_evaluate_logs_to_tracking_when_asked(evaluated, tmp_path, monkeypa
     monkeypatch.setattr(tracking, "log_evaluation", broken)
     with pytest.warns(RuntimeWarning, match="tracking server down"):  # outputs are kept
         assert E.main_evaluate(ckpt, out=tmp_path / "e", overrides=quick, track=True).metrics
+
+
+def test_a_test_set_of_one_class_evaluates_without_calibration(evaluated, tmp_path):
+    """Only defect images and no held-out good ones: metrics are NaN, nothing crashes, and the
+    per-image records say they are not calibrated instead of inventing a threshold."""
+    from recontrast.checkpoint import load_model
+
+    ckpt, _, _, datasets = evaluated
+    model, cfg, _ = load_model(ckpt)
+    defects = [i for i, s in enumerate(datasets.test.samples) if s.label == 1]
+    result = E.evaluate(model, datasets.test.subset(defects), cfg.eval, out_dir=tmp_path)
+    assert math.isnan(result.metrics["image_auroc"])
+    assert all(r["anomalous"] == -1 and math.isnan(r["score_normalised"]) for r in result.records)
+    assert (tmp_path / "per_image.csv").is_file()
