@@ -23,16 +23,10 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from recontrast.config import load_config
-    from recontrast.tracking import run_training
+    from recontrast.train import main_train
 
-    overrides = list(args.set) + ([f"train.out={args.out}"] if args.out else [])
-    cfg = load_config(args.config, overrides)
-    result, evaluation, run_id = run_training(cfg, resume=args.resume, track=not args.no_track)
-    if evaluation is not None:
-        print(evaluation.table())
-        print(f"figures and metrics: {evaluation.out_dir}")
-    print(f"checkpoint: {result.checkpoint}" + (f"  (MLflow run {run_id})" if run_id else ""))
+    main_train(args.config, args.set, out=args.out, resume=args.resume, track=not args.no_track,
+               evaluate=True)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -311,11 +311,13 @@ def main_train(
     resume: bool = False,
     track: bool = True,
     callbacks: Sequence[Callback] = (),
+    evaluate: bool = False,
 ) -> TrainResult:
     """Returns the TrainResult of `recontrast train --config ... --set ... --out ...`.
 
-    Logs to MLflow through tracking.run_training when `track` and tracking.enabled; the
-    final evaluation is `recontrast evaluate --checkpoint <out>/last.ckpt`.
+    Logs to MLflow through tracking.run_training when `track` and tracking.enabled. With
+    `evaluate`, the final model is evaluated too (figures, calibration) and its metrics
+    printed; otherwise that is `recontrast evaluate --checkpoint <out>/last.ckpt`.
     """
     from recontrast.tracking import run_training
 
@@ -324,8 +326,11 @@ def main_train(
     cfg = load_config(config_path, overrides)
     if out is not None:
         cfg.train.out = str(out)
-    result, _, run_id = run_training(cfg, resume=resume, track=track, evaluate_at_end=False,
-                                     callbacks=callbacks)
+    result, evaluation, run_id = run_training(cfg, resume=resume, track=track, evaluate_at_end=evaluate,
+                                              callbacks=callbacks)
+    if evaluation is not None:
+        print(evaluation.table())
+        print(f"figures and metrics: {evaluation.out_dir}")
     note = "; the loss trend rose, see the warning above" if result.diverged else ""
     run = f"; MLflow run {run_id}" if run_id else ""
     print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations{run}{note})")
