@@ -29,12 +29,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "mvtec_ad_256"
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
+# Issue 6's targets for the Lite0 CPU recipe on bottle (fit within 15 minutes).
+TARGETS = {"image_auroc": 1.0, "pixel_auroc": 0.992, "aupro": 0.971, "pixel_f1max": 0.81}
+FIT_LIMIT_S = 15 * 60
 sys.path.insert(0, str(ROOT))
 
 
 def peak_rss_gb() -> float:
     """Returns this process's peak resident memory in GiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_memory() -> dict:
+    """Returns peak RSS, plus CUDA's peak allocated memory when a GPU was used, in GiB."""
+    import torch
+
+    peak = {"peak_rss_gb": peak_rss_gb()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return peak
 
 
 def in_subprocess(fn, *args):
@@ -51,8 +65,12 @@ def _config(config: str, overrides: list[str]):
 
 # --- accuracy ------------------------------------------------------------------------------
 def accuracy_run(config: str, overrides: list[str], threads: int) -> dict:
+    """Trains and evaluates one variant (logged to MLflow); also scores the same model with
+    the paper's map (all levels weighted 1) so the effect of eval.level_weights shows."""
     import torch
 
+    from recontrast.data import build_datasets
+    from recontrast.evaluate import evaluate
     from recontrast.tracking import run_training
 
     torch.set_num_threads(threads)
@@ -60,13 +78,14 @@ def accuracy_run(config: str, overrides: list[str], threads: int) -> dict:
     t0 = time.perf_counter()
     result, evaluation, run_id = run_training(cfg)
     total = time.perf_counter() - t0
-    fit = result.fit_seconds
+    paper_map = dataclasses.replace(cfg.eval, level_weights=(1.0, 1.0, 1.0), figures=False, gif=False)
+    paper = evaluate(result.model, build_datasets(cfg.data).test, paper_map).metrics
     m = evaluation.metrics
     return {
         "overrides": overrides, "run_id": run_id, "iterations": result.iterations,
-        "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
-        "pixel_f1max": m["pixel_f1max"], "image_ap": m["image_ap"], "pixel_ap": m["pixel_ap"],
-        "time_to_first_result_s": total, "fit_s": fit, "peak_rss_gb": peak_rss_gb(),
+        **{k: m[k] for k in METRICS}, "image_ap": m["image_ap"], "pixel_ap": m["pixel_ap"],
+        "level_weights": list(cfg.eval.level_weights), "paper_map": {k: paper[k] for k in METRICS},
+        "time_to_first_result_s": total, "fit_s": result.fit_seconds, **peak_memory(),
         "final_loss": result.loss_history[-1], "checkpoint": str(result.checkpoint),
     }
 
@@ -85,18 +104,21 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
     """Returns seconds per training step (after one warm-up step) and peak RSS.
 
     naive=True reproduces the reference's waste: the frozen encoder runs inside autograd
-    with requires_grad weights, and every step decodes and resizes its images from disk."""
+    with requires_grad weights, every step decodes and resizes its images from disk, and
+    freed memory goes back to the system every step (train.reuse_cpu_memory off)."""
     import torch
 
+    from recontrast.cpu_memory import reuse_freed_memory
     from recontrast.data import build_datasets
     from recontrast.loss import ReContrastLoss
     from recontrast.model import build_model
-    from recontrast.train import build_optimizers
+    from recontrast.train import build_optimizers, pick_device
 
     torch.set_num_threads(threads)
     cfg = _config(config, overrides)
-    model = build_model(cfg)
-    optimizers = build_optimizers(cfg, model, torch.device("cpu"))
+    device = pick_device(cfg.train.device)  # a GPU when there is one (train.device=auto)
+    model = build_model(cfg).to(device)
+    optimizers = build_optimizers(cfg, model, device)
     loss_fn = ReContrastLoss(cfg.loss, cfg.train.iters)
     bs = cfg.train.batch_size
     if naive:
@@ -124,17 +146,20 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
         forward = model
     model.train()
     times = []
-    for it in range(steps + 1):
-        t0 = time.perf_counter()
-        loss, _ = loss_fn(forward(batch(it)), it)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        times.append(time.perf_counter() - t0)
+    with reuse_freed_memory(cfg.train.reuse_cpu_memory and not naive and device.type == "cpu"):
+        for it in range(steps + 1):
+            t0 = time.perf_counter()
+            loss, _ = loss_fn(forward(batch(it).to(device)), it)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
     step = sum(times[1:]) / steps
-    return {"step_s": step, "img_per_s": bs / step, "it_per_s": 1 / step, "peak_rss_gb": peak_rss_gb(),
+    return {"step_s": step, "img_per_s": bs / step, "it_per_s": 1 / step, **peak_memory(),
             "batch_size": bs, "image_size": cfg.data.image_size, "backbone": cfg.model.backbone, "naive": naive}
 
 
@@ -149,9 +174,11 @@ def inference_speed(config: str, overrides: list[str], threads: int, batch_size:
     from recontrast.data import build_datasets
     from recontrast.evaluate import evaluate
     from recontrast.model import build_model
+    from recontrast.train import pick_device
 
     torch.set_num_threads(threads)
     cfg = _config(config, overrides)
+    device = pick_device(cfg.train.device)
     cfg.eval.batch_size = batch_size
     test = build_datasets(cfg.data).test
     def spread(n: int) -> Subset:  # good and defect images alike (the folders are sorted)
@@ -159,13 +186,57 @@ def inference_speed(config: str, overrides: list[str], threads: int, batch_size:
 
     data = spread(n_images) if n_images else test
     data = ConcatDataset([data] * repeat) if repeat > 1 else data
-    model = build_model(cfg).eval()
-    evaluate(model, spread(min(2 * batch_size, len(test))), cfg.eval)  # warm-up
+    model = build_model(cfg).to(device).eval()
+    evaluate(model, spread(min(2 * batch_size, len(test))), cfg.eval, device=device)  # warm-up
     t0 = time.perf_counter()
-    evaluate(model, data, cfg.eval)
+    evaluate(model, data, cfg.eval, device=device)  # ends with its results on the host
     elapsed = time.perf_counter() - t0
     return {"images": len(data), "seconds": elapsed, "img_per_s": len(data) / elapsed,
-            "peak_rss_gb": peak_rss_gb(), "batch_size": batch_size, "image_size": cfg.data.image_size}
+            **peak_memory(), "batch_size": batch_size, "image_size": cfg.data.image_size}
+
+
+def compute_bound(config: str, overrides: list[str], threads: int) -> dict:
+    """Returns the FLOPs of one training step and of one evaluated image (torch's FLOP
+    counter, convolutions and matmuls), this CPU's measured fp32 matmul rate, and the
+    fastest step time and evaluation rate that rate would allow."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recontrast.loss import ReContrastLoss
+    from recontrast.model import build_model
+
+    torch.set_num_threads(threads)
+    cfg = _config(config, overrides)
+    model, size, batch = build_model(cfg), cfg.data.image_size, 2
+    loss_fn = ReContrastLoss(cfg.loss, cfg.train.iters)
+    x = torch.randn(batch, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model(x), 0)[0].backward()
+    step = counter.get_total_flops() / batch * cfg.train.batch_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.anomaly_pairs(x[:1])
+    image = counter.get_total_flops()
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    peak = 3 * 2 * 4096**3 / (time.perf_counter() - t0)
+    return {"train_step_tflop": step / 1e12, "eval_gflop_per_image": image / 1e9,
+            "matmul_gflop_s": peak / 1e9, "min_step_s_at_matmul_rate": step / peak,
+            "max_eval_img_per_s_at_matmul_rate": peak / image}
+
+
+def log_section(config: str, overrides: list[str], section: str, values: dict) -> str:
+    """Logs a speed section as one MLflow run (same experiment as the accuracy runs) so the
+    UI shows it beside them; returns the run id."""
+    from recontrast.tracking import start_run
+
+    cfg = _config(config, overrides)
+    with start_run(cfg, run_name=f"bench_{section}", tags={"benchmark_section": section}) as run:
+        run.log_metrics(values)
+        run.log_text(json.dumps(values, indent=1), f"{section}.json")
+        return run.run_id
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -183,10 +254,17 @@ def data_overrides(out: Path) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [f"# Benchmark ({results['host']})", ""]
     if "accuracy" in results:
-        lines += ["| variant | I-AUROC | P-AUROC | AUPRO@0.3 | P-F1max | train+eval s |", "|---|---|---|---|---|---|"]
+        lines += ["| variant | map | I-AUROC | P-AUROC | AUPRO@0.3 | P-F1max | fit s | train+eval s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in results["accuracy"].items():
-            lines.append(f"| {name} | {100 * r['image_auroc']:.2f} | {100 * r['pixel_auroc']:.2f} | "
-                         f"{100 * r['aupro']:.2f} | {100 * r['pixel_f1max']:.2f} | {r['time_to_first_result_s']:.0f} |")
+            for label, m in ((f"levels {r['level_weights']}", r), ("paper (all levels)", r["paper_map"])):
+                cells = " | ".join(f"{100 * m[k]:.2f}" for k in METRICS)
+                lines.append(f"| {name} | {label} | {cells} | {r['fit_s']:.0f} | {r['time_to_first_result_s']:.0f} |")
+        full = results["accuracy"].get("full")
+        if full is not None:
+            met = [f"{k} {'met' if full[k] >= v else 'NOT met'}" for k, v in TARGETS.items()]
+            met.append(f"fit within 15 min {'met' if full['fit_s'] <= FIT_LIMIT_S else 'NOT met'}")
+            lines += ["", "Targets (full method): " + ", ".join(met)]
         lines.append("")
     for section in ("speed", "scaling", "reference"):
         if section in results:
@@ -207,8 +285,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = data_overrides(out) + ["tracking.experiment=benchmark", f"train.threads={args.threads}"] + args.set
     sections = args.sections.split(",")
-    results: dict = {"host": f"{platform.processor() or platform.machine()}, {args.threads} threads",
-                     "config": args.config, "base_overrides": base}
+    saved = out / "results.json"
+    # Sections not run this time keep their last results (run sections one at a time if needed).
+    results: dict = json.loads(saved.read_text()) if saved.is_file() else {}
+    results.update({"host": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+                    "config": args.config, "base_overrides": base})
 
     def show(name: str, value) -> None:
         print(f"[bench] {name}: {json.dumps(value)}", flush=True)
@@ -238,21 +319,34 @@ def main() -> None:
             show(f"scaling/testx{repeat}", scaling[f"eval_testx{repeat}"])
         results["scaling"] = scaling
     if "reference" in sections:
-        ov = base + ["model.backbone=wide_resnet50_2", "model.pretrained=none", "model.width_mult=1.0",
-                     "data.image_size=256", "train.batch_size=16"]
+        wrn = base + ["model.backbone=wide_resnet50_2", "model.pretrained=none", "model.width_mult=1.0",
+                      "data.image_size=256", "train.batch_size=16", "model.recompute_decoder=false",
+                      "model.recompute_encoder=false"]
+        nchw, nhwc = wrn + ["model.channels_last=false"], wrn + ["model.channels_last=true"]
+        recompute = ["model.recompute_decoder=true", "model.recompute_encoder=true"]
         ref = {"reference_impl": {"train_step_s": 50.8, "train_peak_gb": 12.5, "eval_img_per_s": 1.1, "eval_peak_gb": 2.4}}
-        ref["before"] = in_subprocess(train_step_time, args.config, ov, args.threads, args.ref_steps, True)
-        show("reference/before", ref["before"])
-        ref["after"] = in_subprocess(train_step_time, args.config, ov, args.threads, args.ref_steps, False)
-        show("reference/after", ref["after"])
+        runs = {  # name: (function, args); "before" is the reference's way (see train_step_time)
+            "before": (train_step_time, (args.config, nchw, args.threads, args.ref_steps, True)),
+            "after": (train_step_time, (args.config, nhwc, args.threads, args.ref_steps, False)),
+            "after_recompute": (train_step_time, (args.config, nhwc + recompute, args.threads, args.ref_steps, False)),
+            "after_least_memory": (train_step_time, (args.config, nhwc + recompute + ["train.reuse_cpu_memory=false"],
+                                                     args.threads, args.ref_steps, False)),
+            "eval_b1_nchw": (inference_speed, (args.config, nchw, args.threads, 1, 16)),
+            "eval_b1": (inference_speed, (args.config, nhwc, args.threads, 1, 16)),
+            "compute": (compute_bound, (args.config, nhwc, args.threads)),
+        }
+        for name, (fn, fn_args) in runs.items():
+            ref[name] = in_subprocess(fn, *fn_args)
+            show(f"reference/{name}", ref[name])
         ref["speedup_before_after"] = ref["before"]["step_s"] / ref["after"]["step_s"]
-        ref["eval_b1"] = in_subprocess(inference_speed, args.config, ov, args.threads, 1, 16)
-        show("reference/eval_b1", ref["eval_b1"])
         results["reference"] = ref
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    for section in ("speed", "scaling", "reference"):
+        if section in sections:  # sections kept from an earlier run are logged already
+            results[section]["mlflow_run_id"] = log_section(args.config, base, section, results[section])
+    saved.write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
-    print(f"saved {out / 'results.json'} and {out / 'results.md'}")
+    print(f"saved {saved} and {out / 'results.md'}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def anomaly_map(
     size: int | tuple[int, int],
     combine: str = "sum",
     sigma: float = 4.0,
+    level_weights: Sequence[float] | None = None,
 ) -> Tensor:
     """Returns the (B, 1, H, W) float32 anomaly maps, on the pairs' device.
 
@@ -38,6 +39,10 @@ def anomaly_map(
     sigma: Gaussian smoothing; 0 turns it off. The border is kornia's "reflect" (mirror
     without repeating the edge pixel), where the reference's scipy.ndimage.gaussian_filter
     repeats it: the two differ only within 4 * sigma pixels of the border, and little.
+    level_weights: one weight per encoder level (shallow to deep); pair i gets
+    level_weights[i % len(level_weights)], so (1, 1, 0) drops level 3 of both heads. None
+    (or all ones) is the paper's map. Sum and mean weight each distance map, product raises
+    it to the weight's power; mean divides by the sum of the weights.
     """
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
@@ -46,14 +51,17 @@ def anomaly_map(
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     hw = (size, size) if isinstance(size, int) else tuple(size)
+    weights = pair_weights(len(pairs), level_weights)
 
     total: Tensor | None = None
-    for target, prediction in pairs:
+    for (target, prediction), weight in zip(pairs, weights):
         # (B, C, h, w) x2 -> (B, 1, h, w); clamp: float error can make cos exceed 1 slightly.
         dist = 1.0 - F.cosine_similarity(target.float(), prediction.float(), dim=1)
         dist = rearrange(dist.clamp_min(0.0), "b h w -> b 1 h w")
         # align_corners=True as in the ReContrast / RD4AD reference code.
         dist = F.interpolate(dist, size=hw, mode="bilinear", align_corners=True)
+        if weight != 1.0:
+            dist = dist.pow(weight) if combine == "product" else dist * weight
         if total is None:
             total = dist
         elif combine == "product":
@@ -62,8 +70,24 @@ def anomaly_map(
             total = total + dist
     assert total is not None
     if combine == "mean":
-        total = total / len(pairs)
+        total = total / sum(weights)
     return smooth(total, sigma)
+
+
+def pair_weights(n_pairs: int, level_weights: Sequence[float] | None = None) -> list[float]:
+    """Returns the weight of each of `n_pairs` pairs: level_weights repeated over the heads."""
+    if not level_weights:
+        return [1.0] * n_pairs
+    if any(w < 0 for w in level_weights) or not any(w > 0 for w in level_weights):
+        raise ValueError(f"level_weights must be >= 0 and not all 0, got {list(level_weights)}")
+    return [float(level_weights[i % len(level_weights)]) for i in range(n_pairs)]
+
+
+def maps_for(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int], eval_cfg) -> Tensor:
+    """Returns anomaly_map(pairs, size) with the combine, sigma and level weights of `eval_cfg`
+    (an EvalConfig, or anything with those attributes)."""
+    return anomaly_map(pairs, size, eval_cfg.combine, eval_cfg.sigma,
+                       getattr(eval_cfg, "level_weights", None))
 
 
 def smooth(maps: Tensor, sigma: float) -> Tensor:
@@ -95,14 +119,16 @@ def image_score(maps: Tensor, mode: str = "max", topk: float = 0.01) -> Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
-def max_map_value(n_pairs: int, combine: str = "sum") -> float:
+def max_map_value(n_pairs: int, combine: str = "sum", level_weights: Sequence[float] | None = None) -> float:
     """Returns the largest value an anomaly map can take (1 - cos lies in [0, 2]).
 
-    K pairs: sum <= 2K, mean <= 2, product <= 2^K. Smoothing (a weighted average) and the
-    max / top-k mean scores keep the bound, so scores / bound lie in [0, 1].
+    K pairs with weights w_i (all 1 by default): sum <= 2 * sum(w), mean <= 2,
+    product <= 2^sum(w). Smoothing (a weighted average) and the max / top-k mean scores keep
+    the bound, so scores / bound lie in [0, 1].
     """
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-    return {"sum": 2.0 * n_pairs, "mean": 2.0, "product": 2.0**n_pairs}[combine]
+    total = sum(pair_weights(n_pairs, level_weights))
+    return {"sum": 2.0 * total, "mean": 2.0, "product": 2.0**total}[combine]

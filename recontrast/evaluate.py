@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recontrast.anomaly_map import anomaly_map, image_score
+from recontrast.anomaly_map import image_score, maps_for
 from recontrast.config import EvalConfig
 from recontrast.metrics import PixelMetrics, compute_all
 
@@ -144,7 +144,7 @@ def iterate_maps(model: nn.Module, dataset, eval_cfg: EvalConfig, device: torch.
     with torch.inference_mode():
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
-            maps = anomaly_map(pairs_of(x), x.shape[-2:], eval_cfg.combine, eval_cfg.sigma)
+            maps = maps_for(pairs_of(x), x.shape[-2:], eval_cfg)
             yield batch, maps, image_score(maps, eval_cfg.score, eval_cfg.topk)
 
 

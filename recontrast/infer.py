@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from recontrast.anomaly_map import anomaly_map, image_score, max_map_value
+from recontrast.anomaly_map import image_score, maps_for, max_map_value
 from recontrast.config import EvalConfig
 from recontrast.evaluate import normalise, pick_threshold
 from recontrast.images import IMAGE_EXTENSIONS
@@ -156,8 +156,8 @@ class Detector:
         pairs_of = getattr(self.model, "anomaly_pairs", self.model)
         with torch.inference_mode():
             pairs = pairs_of(x.to(self.device))
-            self.map_max = max_map_value(len(pairs), e.combine)
-            maps = anomaly_map(pairs, x.shape[-2:], e.combine, e.sigma)
+            self.map_max = max_map_value(len(pairs), e.combine, e.level_weights)
+            maps = maps_for(pairs, x.shape[-2:], e)
             return maps, image_score(maps, e.score, e.topk)
 
     def _prediction(self, raw_map: Tensor, raw_score: float, path: str | None) -> Prediction:
@@ -312,7 +312,7 @@ class InferenceGraph(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         e = self.eval_cfg
-        maps = anomaly_map(self.model(x), (self.image_size, self.image_size), e.combine, e.sigma)
+        maps = maps_for(self.model(x), (self.image_size, self.image_size), e)
         return maps, image_score(maps, e.score, e.topk)
 
 

@@ -6,12 +6,14 @@ Pure torch: no training logic, logging or files here (see ../shared/docs/method.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import Bottleneck
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, create_encoder, pretrained_normalization
@@ -174,6 +176,46 @@ class Decoder(nn.Module):
         return outs[::-1]  # level 1 (H/4) first
 
 
+class _RecomputedSequential(nn.Sequential):
+    """An nn.Sequential that, when training with gradients, keeps only its input and runs
+    again in backward (activation checkpointing). The second run sees the same batch
+    statistics but leaves BN's running statistics alone, so weights, gradients and statistics
+    equal those of a plain run; state_dict keys are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False,
+                              context_fn=lambda: (nullcontext(), _frozen_running_stats(self)))
+        return super().forward(x)
+
+
+def recompute_in_backward(module: nn.Module) -> int:
+    """Makes every plain nn.Sequential child of `module` (ResNet layers, EfficientNet block
+    stages, decoder stages) recompute its activations in backward; returns how many."""
+    n = 0
+    for child in module.children():
+        if type(child) is nn.Sequential:
+            child.__class__ = _RecomputedSequential
+            n += 1
+    return n
+
+
+@contextmanager
+def _frozen_running_stats(module: nn.Module):
+    """Train-mode BN inside normalises with batch statistics and leaves its running statistics
+    and counters as they were (momentum 0 keeps the same ops, as checkpoint requires)."""
+    bns = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 class ReContrast(nn.Module):
     """Trainable + frozen encoder, shared bottleneck/decoder, one 1x1 head set per encoder.
 
@@ -189,7 +231,8 @@ class ReContrast(nn.Module):
 
     def __init__(self, encoder: nn.Module, channels: list[int], *, domain_adaptation: bool = True,
                  contrast: bool = True, encoder_bn: str = "train", stable: bool = False,
-                 width_mult: float = 1.0, channels_last: bool = False,
+                 width_mult: float = 1.0, channels_last: bool = False, recompute_decoder: bool = False,
+                 recompute_encoder: bool = False,
                  input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         if encoder_bn not in ("train", "eval"):
@@ -214,6 +257,11 @@ class ReContrast(nn.Module):
             for _ in range(2 if domain_adaptation else 1)
         )
         _init_like_reference(self.bottleneck, self.decoder, self.heads)
+        # Activation checkpointing (less peak memory, one more forward of what is recomputed).
+        if recompute_decoder:
+            recompute_in_backward(self.decoder.stages)
+        if recompute_encoder and self.encoder is not None:
+            recompute_in_backward(self.encoder)
 
         # The data layer normalises with ImageNet mean/std; weights trained with another
         # normalisation (EfficientNet-Lite: mean = std = 0.5) get their own input back:
@@ -313,5 +361,7 @@ def build_model(cfg: Config) -> ReContrast:
         stable=cfg.train.stable,
         width_mult=cfg.model.width_mult,
         channels_last=cfg.model.channels_last,
+        recompute_decoder=cfg.model.recompute_decoder,
+        recompute_encoder=cfg.model.recompute_encoder,
         input_norm=pretrained_normalization(cfg.model.backbone),
     )

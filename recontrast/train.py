@@ -23,6 +23,7 @@ from torch import nn
 from recontrast.checkpoint import (config_changes, load_checkpoint, restore_training_state,
                                    save_checkpoint, training_state)
 from recontrast.config import Config, ConfigError, load_config
+from recontrast.cpu_memory import reuse_freed_memory
 
 log = logging.getLogger(__name__)
 _STACK_LIMIT_BYTES = 4 << 30  # stack the cached train set into one tensor below this size
@@ -221,7 +222,7 @@ def train(
     model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
     tick, last_eval = (time.perf_counter(), start), None
     fit_start = tick[0]
-    with _progress(t.iters, start) as bar:
+    with _progress(t.iters, start) as bar, reuse_freed_memory(t.reuse_cpu_memory and device.type == "cpu"):
         for it in range(start, t.iters):
             if t.stable and it > 0 and it % t.reset_every == 0:
                 optimizers[0].state.clear()  # the stable variant: fresh decoder Adam moments

@@ -116,3 +116,28 @@ def test_bad_options_name_the_valid_ones():
         anomaly_map(_pairs(SHAPES), size=64, combine="add")
     with pytest.raises(ValueError, match="max, topk_mean"):
         image_score(torch.zeros(1, 1, 4, 4), mode="mean")
+
+
+def test_level_weights_weight_each_level_of_both_heads():
+    six = _pairs(SHAPES + SHAPES, seed=5)  # head 0 levels 1-3, then head 1 levels 1-3
+    kept = [six[0], six[1], six[3], six[4]]
+    dropped = anomaly_map(six, size=64, sigma=0, level_weights=(1, 1, 0))
+    assert torch.allclose(dropped, anomaly_map(kept, size=64, sigma=0), atol=1e-5)
+    halved = anomaly_map(six, size=64, sigma=0, level_weights=(1, 1, 0.5))
+    assert torch.allclose(halved, dropped + 0.5 * anomaly_map([six[2], six[5]], size=64, sigma=0), atol=1e-5)
+    assert torch.equal(anomaly_map(six, size=64, level_weights=(1, 1, 1)), anomaly_map(six, size=64))
+    opposite = [(t, -t) for t, _ in six]
+    for combine in ("sum", "mean", "product"):
+        top = anomaly_map(opposite, size=64, combine=combine, level_weights=(1, 1, 0.5)).max()
+        assert torch.isclose(top, torch.tensor(max_map_value(6, combine, (1, 1, 0.5))), rtol=1e-4)
+    with pytest.raises(ValueError, match="level_weights"):
+        anomaly_map(six, size=64, level_weights=(0, 0, 0))
+
+
+def test_level_weights_config_is_checked():
+    from recontrast.config import ConfigError, load_config
+
+    assert load_config(None, ["eval.level_weights=[1, 1, 0.25]"]).eval.level_weights == (1.0, 1.0, 0.25)
+    for bad in ("[1, -1, 1]", "[0, 0, 0]", "[1, 1]"):
+        with pytest.raises(ConfigError, match="level_weights"):
+            load_config(None, [f"eval.level_weights={bad}"])

@@ -225,3 +225,19 @@ def test_anomaly_pairs_restores_the_training_mode():
     assert model.training and model.bottleneck.training
     assert not model.encoder_frozen.training
     assert not any(p.requires_grad for pair in pairs for p in pair)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0"])
+def test_recomputed_activations_train_exactly_like_stored_ones(backbone):
+    plain = _model(backbone)
+    recomputed = _model(backbone, recompute_decoder=True, recompute_encoder=True)
+    recomputed.load_state_dict(plain.state_dict())
+    assert sum(type(m).__name__ == "_RecomputedSequential" for m in recomputed.modules()) >= 6
+    _train_steps(plain)
+    _train_steps(recomputed)
+    a, b = _state(plain), _state(recomputed)
+    assert a.keys() == b.keys()
+    for key in a:  # weights, BN running statistics and counters alike
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert torch.equal(a["decoder.stages.2.0.bn1.num_batches_tracked"],
+                       b["decoder.stages.2.0.bn1.num_batches_tracked"])

@@ -248,3 +248,19 @@ def test_main_train_bf16_prints_the_checkpoint(synthetic_root, tmp_path, capsys)
 def test_fp16_needs_cuda():
     with pytest.raises(ConfigError, match="fp16 needs CUDA.*bf16"):
         T._amp_dtype("fp16", torch.device("cpu"))
+
+
+def test_reusing_freed_cpu_memory_changes_no_number(synthetic_root, datasets, tmp_path):
+    from recontrast.cpu_memory import _glibc, reuse_freed_memory
+
+    with reuse_freed_memory(False) as active:
+        assert active is False
+    with reuse_freed_memory(True) as active:  # Linux/glibc here; elsewhere it is a no-op
+        assert active is (_glibc() is not None)
+        kept = torch.ones(64 << 20, dtype=torch.uint8)  # a block glibc would otherwise mmap
+        del kept
+    runs = [T.train(tiny_cfg(synthetic_root, tmp_path / str(flag), **{"train.reuse_cpu_memory": flag}),
+                    datasets=datasets) for flag in (True, False)]
+    assert runs[0].loss_history == runs[1].loss_history
+    for key, value in runs[0].model.state_dict().items():
+        assert torch.equal(value, runs[1].model.state_dict()[key]), key
