@@ -14,6 +14,8 @@ from einops import rearrange
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
+from .config import EvalConfig, check_level_weights
+
 COMBINES = ("sum", "mean", "product")
 SCORES = ("max", "topk_mean")
 
@@ -78,16 +80,13 @@ def pair_weights(n_pairs: int, level_weights: Sequence[float] | None = None) -> 
     """Returns the weight of each of `n_pairs` pairs: level_weights repeated over the heads."""
     if not level_weights:
         return [1.0] * n_pairs
-    if any(w < 0 for w in level_weights) or not any(w > 0 for w in level_weights):
-        raise ValueError(f"level_weights must be >= 0 and not all 0, got {list(level_weights)}")
+    check_level_weights(level_weights)
     return [float(level_weights[i % len(level_weights)]) for i in range(n_pairs)]
 
 
-def maps_for(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int], eval_cfg) -> Tensor:
-    """Returns anomaly_map(pairs, size) with the combine, sigma and level weights of `eval_cfg`
-    (an EvalConfig, or anything with those attributes)."""
-    return anomaly_map(pairs, size, eval_cfg.combine, eval_cfg.sigma,
-                       getattr(eval_cfg, "level_weights", None))
+def maps_for(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int], eval_cfg: EvalConfig) -> Tensor:
+    """Returns anomaly_map(pairs, size) with the combine, sigma and level weights of `eval_cfg`."""
+    return anomaly_map(pairs, size, eval_cfg.combine, eval_cfg.sigma, eval_cfg.level_weights)
 
 
 def smooth(maps: Tensor, sigma: float) -> Tensor:

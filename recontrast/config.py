@@ -297,6 +297,12 @@ def load_config(
     return cfg
 
 
+def check_level_weights(weights, name: str = "level_weights") -> None:
+    """Raises ConfigError unless every weight is >= 0 and at least one is > 0."""
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(f"{name} must be >= 0 and not all 0, got {list(weights)}")
+
+
 def validate(cfg: Config) -> Config:
     """Returns cfg if it is consistent; raises ConfigError naming the fix otherwise."""
     flat = cfg.flatten()
@@ -317,8 +323,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.eval.topk <= 1.0:
         raise ConfigError(f"eval.topk must be in (0, 1], got {cfg.eval.topk}")
-    if any(w < 0 for w in cfg.eval.level_weights) or not any(w > 0 for w in cfg.eval.level_weights):
-        raise ConfigError(f"eval.level_weights must be >= 0 and not all 0, got {list(cfg.eval.level_weights)}")
+    check_level_weights(cfg.eval.level_weights, "eval.level_weights")
     if cfg.model.width_mult <= 0:
         raise ConfigError(f"model.width_mult must be > 0, got {cfg.model.width_mult}")
     return cfg

@@ -189,15 +189,12 @@ class _RecomputedSequential(nn.Sequential):
         return super().forward(x)
 
 
-def recompute_in_backward(module: nn.Module) -> int:
+def recompute_in_backward(module: nn.Module) -> None:
     """Makes every plain nn.Sequential child of `module` (ResNet layers, EfficientNet block
-    stages, decoder stages) recompute its activations in backward; returns how many."""
-    n = 0
+    stages, decoder stages) recompute its activations in backward."""
     for child in module.children():
         if type(child) is nn.Sequential:
             child.__class__ = _RecomputedSequential
-            n += 1
-    return n
 
 
 @contextmanager
