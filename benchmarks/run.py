@@ -76,10 +76,11 @@ def accuracy_run(config: str, overrides: list[str], threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = _config(config, overrides)
     t0 = time.perf_counter()
-    result, evaluation, run_id = run_training(cfg)
+    datasets = build_datasets(cfg.data)  # decoded once, for training and both evaluations
+    result, evaluation, run_id = run_training(cfg, datasets=datasets)
     total = time.perf_counter() - t0
     paper_map = dataclasses.replace(cfg.eval, level_weights=(1.0, 1.0, 1.0), figures=False, gif=False)
-    paper = evaluate(result.model, build_datasets(cfg.data).test, paper_map).metrics
+    paper = evaluate(result.model, datasets.test, paper_map).metrics
     m = evaluation.metrics
     return {
         "overrides": overrides, "run_id": run_id, "iterations": result.iterations,
