@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 
-.PHONY: install test demo lab ui bench synth clean
+.PHONY: install test demo lab ui bench synth clean lint strip-notebooks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check recontrast tests benchmarks notebooks
+
+# The notebooks are the source: run this before committing one you executed in JupyterLab.
+strip-notebooks: $(STAMP)
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
 
 demo: $(STAMP)
 	$(VENV)/bin/recontrast demo

@@ -71,7 +71,7 @@ def accuracy_run(config: str, overrides: list[str], threads: int) -> dict:
 
     from recontrast.data import build_datasets
     from recontrast.evaluate import evaluate
-    from recontrast.tracking import run_training
+    from recontrast.pipeline import run_training
 
     torch.set_num_threads(threads)
     cfg = _config(config, overrides)
@@ -113,7 +113,8 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
     from recontrast.data import build_datasets
     from recontrast.loss import ReContrastLoss
     from recontrast.model import build_model
-    from recontrast.train import build_optimizers, pick_device
+    from recontrast.runtime import pick_device
+    from recontrast.train import build_optimizers
 
     torch.set_num_threads(threads)
     cfg = _config(config, overrides)
@@ -175,7 +176,7 @@ def inference_speed(config: str, overrides: list[str], threads: int, batch_size:
     from recontrast.data import build_datasets
     from recontrast.evaluate import evaluate
     from recontrast.model import build_model
-    from recontrast.train import pick_device
+    from recontrast.runtime import pick_device
 
     torch.set_num_threads(threads)
     cfg = _config(config, overrides)

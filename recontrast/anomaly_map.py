@@ -14,7 +14,7 @@ from einops import rearrange
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
-from .config import EvalConfig, check_level_weights
+from recontrast.config import EvalConfig, check_level_weights
 
 COMBINES = ("sum", "mean", "product")
 SCORES = ("max", "topk_mean")

@@ -21,9 +21,13 @@ import socket
 from pathlib import Path
 
 import timm
+from safetensors.torch import load_file as load_safetensors
 import torch
 from timm.models import FeatureListNet
 from torch import nn
+
+from recontrast.checkpoint import CheckpointError, safe_load
+from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 
 SUPPORTED = (
     "wide_resnet50_2",
@@ -38,8 +42,6 @@ SUPPORTED = (
 SOURCES = ("timm", "offline", "none")
 STRIDES = (4, 8, 16)
 # The normalisation that data.py applies (method.md: ImageNet normalisation).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ReContrast uses torchvision's ImageNet ResNets; timm's untagged default for some of them
 # is a different recipe (wide_resnet50_2 -> racm_in1k), so "timm" asks for the tv weights.
@@ -218,12 +220,8 @@ def _cached_timm_weights(full_name: str) -> str | None:
 def _read_state_dict(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """Returns the state_dict in `path` (raw, or under 'state_dict' / 'model'), timm-named."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(str(path))
     else:
-        from recontrast.checkpoint import CheckpointError, safe_load
-
         try:
             state = safe_load(path)
         except CheckpointError as err:

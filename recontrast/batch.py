@@ -1,16 +1,7 @@
-"""Studies: one papermill execution of notebooks 02 (train) and 03 (evaluate) per
-(variant, category), grouped under a parent MLflow run; and the queries notebook 04 draws.
+"""Batch: one papermill execution of notebooks 02 (train) and 03 (evaluate) per
+(variant, category) of a study, grouped under a parent MLflow run.
 
-A study file is a config (experiments/*.yaml) plus a `study:` block:
-
-    study:
-      name: ablation_da_sg
-      categories: [weave, disc]          # what `--categories all` means
-      variants:                          # name -> dotted overrides (a mapping or "k=v" strings)
-        full: {}
-        no_da: {model.domain_adaptation: false}
-
-Each pair gets a folder experiments/runs/<study>/<variant>/<category>/ with the executed
+Each pair runs in experiments/runs/<study>/<variant>/<category>/ with the executed
 notebooks, the training output (train/) and, once both notebooks succeeded, done.json. A
 rerun skips pairs whose done.json matches their current config (unless force), resumes a
 training whose checkpoint is there, and goes on past a failing pair (reported at the end).
@@ -18,7 +9,7 @@ training whose checkpoint is there, and goes on past a failing pair (reported at
 from __future__ import annotations
 
 import concurrent.futures as cf
-import difflib
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,44 +19,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-import yaml
+import torch
 
-from recontrast.config import Config, ConfigError, load_config
+from recontrast import tracking
+from recontrast.checkpoint import final_checkpoint
+from recontrast.config import Config, load_config
+from recontrast.health import NOT_CONVERGED
+from recontrast.mlflow_store import RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry
+from recontrast.runtime import project_root
+from recontrast.study import Job, Study, load_study, plan, study_status
 
 log = logging.getLogger(__name__)
 
 NOTEBOOKS = ("02_train.ipynb", "03_evaluate.ipynb")
-# Config switches an ablation may flip; notebook 04 compares the ones that vary in a study.
-SWITCHES = ("model.domain_adaptation", "loss.stop_grad", "model.contrast", "loss.hard_mining",
-            "loss.kind", "model.encoder_bn", "train.stable", "loss.factor")
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
-
-
-@dataclass
-class Study:
-    name: str
-    path: Path
-    categories: list[str]
-    variants: dict[str, list[str]]  # name -> ["key=value", ...]
-
-
-@dataclass
-class Job:
-    """One (variant, category) pair: what the notebooks get and where their outputs go."""
-
-    study: str
-    variant: str
-    category: str
-    config: str
-    overrides: list[str]
-    folder: str
-    fingerprint: str
-    uri: str = ""  # the MLflow store the notebooks log to
-    track: bool = True
-    parent_run_id: str | None = None
-    resume: bool = False
 
 
 @dataclass
@@ -77,6 +45,7 @@ class PairResult:
     error: str = ""
     seconds: float = 0.0
     folder: str = ""
+    health: str = ""  # the run's health tag: "not_converged" marks a model not to trust
 
 
 @dataclass
@@ -93,119 +62,19 @@ class StudyReport:
     def failed(self) -> list[PairResult]:
         return [r for r in self.results if r.status == "failed"]
 
+    @property
+    def not_converged(self) -> list[PairResult]:
+        return [r for r in self.results if r.health == NOT_CONVERGED]
+
     def summary(self) -> str:
         """Returns one line per pair and a count line."""
-        lines = [f"{r.variant:<14} {r.category:<12} {r.status:<8} {r.seconds:7.1f}s  "
+        lines = [f"{r.variant:<14} {r.category:<12} {r.status:<8} {r.health or '-':<13} {r.seconds:7.1f}s  "
                  f"{r.run_id or '-':<32} {r.error}".rstrip() for r in self.results]
         counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
         lines.append(f"study {self.study}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- planning
-def load_study(path: str | Path) -> Study:
-    """Returns the `study:` block of a study file; raises ConfigError naming what is missing."""
-    path = Path(path)
-    load_config(path)  # the base config must be valid on its own
-    block = (yaml.safe_load(path.read_text()) or {}).get("study")
-    if not isinstance(block, dict):
-        raise ConfigError(f"{path} has no 'study:' block (name, categories, variants); "
-                          f"see experiments/ablation_da_sg.yaml")
-    variants = block.get("variants") or {"full": {}}
-    if not isinstance(variants, dict):
-        raise ConfigError(f"{path}: study.variants must map a name to overrides, got {variants!r}")
-    return Study(name=str(block.get("name") or path.stem), path=path.resolve(),
-                 categories=[str(c) for c in block.get("categories") or []],
-                 variants={str(k): _as_overrides(v, f"{path}: study.variants.{k}") for k, v in variants.items()})
-
-
-def _as_overrides(value: Any, where: str) -> list[str]:
-    """Returns ["key=value", ...] from a {dotted key: value} mapping or a list of strings."""
-    if not value:
-        return []
-    if isinstance(value, dict):
-        return [f"{k}={v if isinstance(v, str) else _yaml_scalar(v)}" for k, v in value.items()]
-    if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
-        return list(value)
-    raise ConfigError(f"{where}: expected {{dotted.key: value}} or ['key=value', ...], got {value!r}")
-
-
-def _yaml_scalar(value: Any) -> str:
-    """Returns `value` as the override parser reads it back (1e-05 -> '1.0e-05', False -> 'false')."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-
-
-def _pick(requested: Sequence[str] | None, available: list[str], what: str) -> list[str]:
-    if not requested or list(requested) == ["all"]:
-        return available
-    unknown = [r for r in requested if r not in available]
-    if unknown and what == "variant":
-        close = difflib.get_close_matches(unknown[0], available, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(available)}"
-        raise ConfigError(f"unknown variant '{unknown[0]}'{hint}")
-    return list(requested)
-
-
-def fingerprint(cfg: Config) -> str:
-    """Returns a short hash of what decides a result (the config minus paths and tracking)."""
-    flat = {k: v for k, v in cfg.flatten().items()
-            if not k.startswith("tracking.") and k not in ("train.out", "train.device", "train.threads")}
-    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def plan(study: Study, categories: Sequence[str] | None = None, variants: Sequence[str] | None = None,
-         overrides: Sequence[str] | None = None, runs_dir: str | Path | None = None) -> list[Job]:
-    """Returns the jobs of a study, each config validated before anything runs."""
-    from recontrast.tracking import project_root, tracking_uri
-
-    runs_dir = Path(runs_dir) if runs_dir else project_root() / "experiments" / "runs"
-    data_root = project_root() / load_config(study.path, list(overrides or [])).data.root  # the notebooks' cwd
-    if not data_root.is_dir():
-        raise ConfigError(f"data.root '{data_root}' does not exist: create the synthetic data with "
-                          f"`recontrast synth --out {data_root}`, or pass --set data.root=<your MVTec root>")
-    base_categories = study.categories or sorted(p.name for p in data_root.iterdir() if (p / "train").is_dir())
-    jobs = []
-    for variant in _pick(variants, list(study.variants), "variant"):
-        clash = {o.split("=", 1)[0] for o in overrides or []} & {o.split("=", 1)[0] for o in study.variants[variant]}
-        if clash:
-            log.warning("--set %s overrides what variant '%s' sets", ", ".join(sorted(clash)), variant)
-        for category in _pick(categories, base_categories, "category"):
-            folder = runs_dir / study.name / variant / category
-            ovr = [*study.variants[variant], *(overrides or [])]
-            cfg = load_config(study.path, [*ovr, *_given(study.name, variant, category, folder)])
-            jobs.append(Job(study.name, variant, category, str(study.path), ovr, str(folder), fingerprint(cfg),
-                            tracking_uri(cfg), cfg.tracking.enabled))
-    return jobs
-
-
-def _given(study: str, variant: str, category: str, folder: Path) -> list[str]:
-    """Returns the overrides notebook 02 derives from its category/out/study/variant parameters."""
-    return [f"data.category={category}", f"train.out={folder / 'train'}",
-            f"tracking.study={study}", f"tracking.ablation={variant}"]
-
-
-def _status(job: Job, force: bool) -> str:
-    """Returns 'done' (a matching done.json), 'resume' (a checkpoint of the same config) or 'run'."""
-    folder = Path(job.folder)
-    if force:
-        return "run"
-    try:
-        done = json.loads((folder / "done.json").read_text())
-        if done.get("fingerprint") == job.fingerprint:
-            return "done"
-        log.info("%s/%s: config changed since it finished; running it again", job.variant, job.category)
-    except (OSError, ValueError):
-        pass
-    try:
-        started = json.loads((folder / "started.json").read_text())
-        if started.get("fingerprint") == job.fingerprint and (folder / "train" / "last.ckpt").is_file():
-            return "resume"
-    except (OSError, ValueError):
-        pass
-    return "run"
-
-
-# ----------------------------------------------------------------------------- executing
 def kernel_name() -> str:
     """Returns a Jupyter kernel name that runs this interpreter (sys.executable).
 
@@ -236,30 +105,28 @@ def execute_pair(job: Job) -> PairResult:
     """Returns the outcome of running notebooks 02 then 03 for one pair (never raises)."""
     import papermill as pm
 
-    from recontrast import tracking
-
-    root, folder = tracking.project_root(), Path(job.folder)
+    root, folder = project_root(), Path(job.folder)
     t0, run_id, kernel = time.time(), None, kernel_name()
     train_out = folder / "train"
     if not job.resume:  # a run id left by an earlier attempt must not receive this one's notebooks
-        (train_out / tracking.RUN_ID_FILE).unlink(missing_ok=True)
+        (train_out / RUN_ID_FILE).unlink(missing_ok=True)
     steps = [
         (NOTEBOOKS[0], dict(config=job.config, category=job.category, overrides=job.overrides,
                             out=str(train_out), study=job.study, variant=job.variant,
                             run_name=f"{job.variant}-{job.category}", parent_run_id=job.parent_run_id or "",
                             resume=job.resume, evaluate_at_end=False, track=job.track)),
-        (NOTEBOOKS[1], dict(checkpoint=str(train_out / "last.ckpt"), out=str(folder / "eval"), track=job.track)),
+        (NOTEBOOKS[1], dict(out=str(folder / "eval"), track=job.track)),
     ]
     try:
         for name, params in steps:
-            if name == NOTEBOOKS[1]:
-                params["run_id"] = run_id or ""
+            if name == NOTEBOOKS[1]:  # known once training ended (best.ckpt with train.select=proxy)
+                params.update(run_id=run_id or "", checkpoint=str(final_checkpoint(train_out)))
             try:
                 pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=params,
                                     kernel_name=kernel, cwd=str(root), progress_bar=False,
                                     start_timeout=300, report_mode=False)
             finally:
-                run_id = tracking.read_run_id(train_out) or run_id
+                run_id = read_run_id(train_out) or run_id
                 if run_id and (folder / name).is_file():
                     _log_notebook(job.uri, run_id, folder / name)
     except Exception as err:
@@ -267,14 +134,24 @@ def execute_pair(job: Job) -> PairResult:
         log.error("%s/%s failed: %s", job.variant, job.category, error)
         _fix_killed_kernel(err, job.uri)
         return PairResult(job.variant, job.category, "failed", run_id, error, time.time() - t0, str(folder))
-    return PairResult(job.variant, job.category, "done", run_id, "", time.time() - t0, str(folder))
+    return PairResult(job.variant, job.category, "done", run_id, "", time.time() - t0, str(folder),
+                      health=_run_health(job.uri, run_id))
+
+
+def _run_health(uri: str, run_id: str | None) -> str:
+    """Returns the run's health tag ('ok', 'not_converged', ...; '' when unknown)."""
+    if not run_id:
+        return ""
+    try:
+        return get_client(uri=uri or None).get_run(run_id).data.tags.get("health", "")
+    except Exception as err:  # the pair finished; its health is extra information
+        log.warning("could not read the health of run %s: %s", run_id, err)
+        return ""
 
 
 def _log_notebook(uri: str, run_id: str, path: Path) -> None:
-    from recontrast import tracking
-
     try:
-        tracking.Run(run_id, tracking.get_client(uri=uri or None)).log_artifact(path, "notebooks")
+        tracking.Run(run_id, get_client(uri=uri or None)).log_artifact(path, "notebooks")
     except Exception as err:
         log.warning("could not log %s to run %s: %s", path.name, run_id, err)
 
@@ -291,8 +168,6 @@ def _fix_killed_kernel(err: Exception, uri: str) -> None:
     if getattr(err, "ename", None):
         return  # an exception inside the notebook: its run context already ended the run
     try:
-        from recontrast.tracking import fix_stale_runs
-
         fix_stale_runs(uri=uri or None)
     except Exception as fix_err:
         log.warning("could not check for stale runs: %s", fix_err)
@@ -313,8 +188,6 @@ def _gpu_ids() -> list[str]:
     if visible is not None:
         return [d for d in visible.split(",") if d.strip()]
     try:
-        import torch
-
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:
         return []
@@ -330,8 +203,6 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
 
     `name` renames the study (tags, folders); `executor` replaces execute_pair (tests).
     """
-    from recontrast import tracking
-
     spec = load_study(study)
     if name:
         spec.name = name
@@ -343,11 +214,11 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
         report.parent_run_id = parent.run_id if parent else None
         pending = []
         for job in todo:
-            state = _status(job, force)
+            state = study_status(job, force)
             if state == "done":
                 done = json.loads((Path(job.folder) / "done.json").read_text())
                 report.results.append(PairResult(job.variant, job.category, "skipped", done.get("run_id"),
-                                                 "finished earlier", 0.0, job.folder))
+                                                 "finished earlier", 0.0, job.folder, done.get("health", "")))
                 continue
             job.parent_run_id, job.resume = report.parent_run_id, state == "resume"
             pending.append(job)
@@ -360,6 +231,9 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
     print(report.summary(), flush=True)
     for r in report.failed:
         print(f"FAILED {r.variant}/{r.category}: {r.error} (notebooks in {r.folder})", flush=True)
+    for r in report.not_converged:
+        print(f"NOT CONVERGED {r.variant}/{r.category}: its metrics are not to be trusted "
+              f"(MLflow run {r.run_id}, tag health_reason; notebooks in {r.folder})", flush=True)
     return report
 
 
@@ -375,6 +249,7 @@ def _mark_done(job: Job, result: PairResult) -> None:
     if result.status == "done":
         (Path(job.folder) / "done.json").write_text(json.dumps(
             {"run_id": result.run_id, "fingerprint": job.fingerprint, "seconds": round(result.seconds, 1),
+             "health": result.health,
              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
 
 
@@ -415,15 +290,11 @@ def _run_jobs(pending: list[Job], jobs: int, executor) -> list[PairResult]:
 def _parent_run(base: Config, spec: Study, todo: list[Job]):
     """Returns a context yielding the study's parent run (reopened on a rerun), or None
     when tracking is off."""
-    import contextlib
-
-    from recontrast import tracking
-
     if not base.tracking.enabled:
         return contextlib.nullcontext(None)
-    client = tracking.get_client(base)
-    exp = tracking.experiment_id(client, base.tracking.experiment)  # created once, before any job
-    found = tracking.retry(client.search_runs, [exp], f"tags.recontrast_role = 'study' and tags.study = '{spec.name}'",
+    client = get_client(base)
+    exp = experiment_id(client, base.tracking.experiment)  # created once, before any job
+    found = retry(client.search_runs, [exp], f"tags.recontrast_role = 'study' and tags.study = '{spec.name}'",
                            max_results=1, order_by=["attributes.start_time DESC"])
     earlier = found[0].data.tags if found else {}  # a rerun of some pairs keeps the others listed
     tags = {"recontrast_role": "study", "study_file": str(spec.path), "category": "(study)"}
@@ -434,108 +305,3 @@ def _parent_run(base: Config, spec: Study, todo: list[Job]):
                               run_id=found[0].info.run_id if found else None)
 
 
-# ----------------------------------------------------------------------------- results
-def _experiment_ids(client, experiment: str | None) -> list[str]:
-    """Returns the id of `experiment` ([] when it does not exist), or of every active
-    experiment when `experiment` is None or empty."""
-    from mlflow.entities import ViewType
-
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        return [exp.experiment_id] if exp else []
-    return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-
-
-def study_results(study: str, experiment: str | None = None, uri: str | None = None):
-    """Returns a DataFrame, one row per run of `study` (latest per variant and category):
-    run_id, variant, category, status, the switches in SWITCHES and every metric."""
-    import pandas as pd
-
-    from recontrast import tracking
-
-    client = tracking.get_client(uri=uri)
-    experiments = _experiment_ids(client, experiment)
-    rows, variant_order = [], []
-    for i in range(0, len(experiments), 100):
-        for run in client.search_runs(experiments[i:i + 100], f"tags.study = '{study}'", max_results=5000,
-                                      order_by=["attributes.start_time DESC"]):
-            tags = run.data.tags
-            if tags.get("recontrast_role"):  # the study's parent run or a comparison run
-                variant_order = variant_order or tags.get("variants", "").split(",")
-                continue
-            row = {"run_id": run.info.run_id, "variant": tags.get("ablation", "?"),
-                   "category": tags.get("category", "?"), "status": run.info.status,
-                   "start_time": run.info.start_time}
-            row.update({k: run.data.params.get(k) for k in SWITCHES})
-            row.update(run.data.metrics)
-            rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    finished = frame[frame["status"] == "FINISHED"]
-    # Newest first: keep the latest FINISHED run of each pair, else its latest run.
-    frame = pd.concat([finished, frame]).drop_duplicates(["variant", "category"], keep="first")
-    rank = {v: i for i, v in enumerate(variant_order)}  # the study file's order
-    frame["rank"] = [rank.get(v, len(rank)) for v in frame["variant"]]
-    return frame.sort_values(["rank", "variant", "category"]).drop(columns="rank").reset_index(drop=True)
-
-
-def varying_switches(frame) -> list[str]:
-    """Returns the SWITCHES whose value differs between the runs of `frame`."""
-    return [s for s in SWITCHES if s in frame and frame[s].nunique(dropna=True) > 1]
-
-
-def ablation_table(frame, metric: str = "image_auroc", baseline: str = "full"):
-    """Returns variants x categories of `metric` (plus 'mean'), and a 'delta' column: the
-    variant's mean minus the baseline variant's mean (NaN when there is no baseline)."""
-    import numpy as np
-
-    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
-    if finished.empty or metric not in finished:
-        import pandas as pd
-
-        return pd.DataFrame()
-    table = finished.pivot_table(index="variant", columns="category", values=metric, aggfunc="first")
-    table["mean"] = table.mean(axis=1)
-    table["delta"] = table["mean"] - table.loc[baseline, "mean"] if baseline in table.index else np.nan
-    seen = list(dict.fromkeys(finished["variant"]))  # the frame's order, not alphabetical
-    order = [v for v in [baseline] if v in table.index] + [v for v in seen if v != baseline]
-    return table.loc[order]
-
-
-def ablation_deltas(frame, metrics: Sequence[str] = METRICS, baseline: str = "full"):
-    """Returns a long DataFrame (variant, category, metric, value, delta) where delta is the
-    variant's value minus the baseline variant's on the same category."""
-    import pandas as pd
-
-    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
-    metrics = [m for m in metrics if m in finished]
-    long = finished.melt(id_vars=["variant", "category"], value_vars=metrics, var_name="metric")
-    base = long[long["variant"] == baseline].set_index(["category", "metric"])["value"]
-    long["delta"] = [v - base.get((c, m), float("nan")) for c, m, v in
-                     zip(long["category"], long["metric"], long["value"])]
-    return pd.DataFrame(long)
-
-
-def log_comparison(study: str, paths: Sequence[str | Path], experiment: str | None = None,
-                   uri: str | None = None) -> str:
-    """Returns the id of the run the comparison files were logged to (under comparison/):
-    the study's parent run, or a new run '<study>-comparison' when there is none."""
-    from recontrast import tracking
-
-    client = tracking.get_client(uri=uri)
-    experiments = _experiment_ids(client, experiment)
-    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
-                               max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
-    if found:
-        run = tracking.Run(found[0].info.run_id, client)
-    else:
-        exp_id = tracking.experiment_id(client, experiment or "recontrast")
-        created = tracking.retry(client.create_run, exp_id, run_name=f"{study}-comparison",
-                                 tags={"study": study, "recontrast_role": "comparison"})
-        run = tracking.Run(created.info.run_id, client)
-    for path in paths:
-        run.log_artifact(path, "comparison")
-    if not found:
-        run.end("FINISHED")
-    return run.run_id

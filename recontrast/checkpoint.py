@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes, safe reads (`weights_only=True`), RNG state, model rebuild.
+"""Checkpoint files: atomic writes, safe reads (`weights_only=True`), RNG and training state.
+
+This module never imports the model: `recontrast.model.load_model` rebuilds one from a file.
 
 Format (a `torch.save`d dict, see docs/architecture.md):
 {"format": "recontrast-ckpt-v1", "model": state_dict, "optimizers": [decoder_sd, encoder_sd],
@@ -144,21 +146,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Returns (model in eval mode, cfg, ckpt): the model rebuilt from the stored config.
-
-    `model.pretrained` is forced to "none": every weight comes from the checkpoint, so
-    evaluation and prediction never download anything.
-    """
-    from recontrast.config import from_dict
-    from recontrast.model import build_model
-
-    ckpt = load_checkpoint(path, map_location="cpu")
-    cfg = from_dict(ckpt["config"])
-    cfg.model.pretrained = "none"
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"'{path}' does not match the model its config builds: {err}") from err
-    return model.to(device).eval(), cfg, ckpt
+def final_checkpoint(folder: str | Path) -> Path:
+    """Returns the checkpoint a training run in `folder` ended with: best.ckpt when it chose its
+    weights by proxy metric (train.select=proxy), else last.ckpt."""
+    folder = Path(folder)
+    return folder / "best.ckpt" if (folder / "best.ckpt").is_file() else folder / "last.ckpt"

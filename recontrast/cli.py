@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from recontrast.config import ConfigError
 
@@ -23,16 +22,16 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from recontrast.train import main_train
+    from recontrast.pipeline import main_train
 
     main_train(args.config, args.set, out=args.out, resume=args.resume, track=not args.no_track,
                evaluate=True)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from recontrast.evaluate import main_evaluate
+    from recontrast.pipeline import run_evaluation
 
-    main_evaluate(
+    run_evaluation(
         args.checkpoint, data_root=args.data, category=args.category, out=args.out,
         overrides=args.set, track=not args.no_track,
     )
@@ -45,7 +44,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from recontrast.infer import export
+    from recontrast.export import export
 
     path = export(args.checkpoint, out=args.out, fmt=args.format, image_size=args.image_size)
     print(f"exported {args.format} model to {path}")
@@ -62,7 +61,7 @@ def _batch(args: argparse.Namespace) -> None:
 
 
 def _runs(args: argparse.Namespace) -> None:
-    from recontrast.tracking import fix_stale_runs
+    from recontrast.mlflow_store import fix_stale_runs
 
     fixed = fix_stale_runs(older_than_s=args.older_than)
     print(f"marked {len(fixed)} stale RUNNING run(s) as FAILED" + (": " + ", ".join(fixed) if fixed else ""))

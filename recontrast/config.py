@@ -1,7 +1,7 @@
 """One configuration tree for the whole pipeline: YAML in, dotted overrides, flat params out.
 
 The same `Config` object drives the CLI, the notebooks (papermill parameters) and the tests.
-Defaults are the paper's choices (see ../shared/docs/method.md); every deviation is a switch.
+Defaults are the paper's choices (see docs/method.md); every deviation is a switch.
 """
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ class ModelConfig:
     encoder_bn: str = "auto"
     # Widens bottleneck and decoder; narrow backbones (EfficientNet-Lite) may need > 1.
     width_mult: float = 1.0
-    # NHWC tensors: oneDNN (CPU) and cuDNN convolutions skip layout reorders; same numerics.
+    # NHWC tensors: oneDNN (CPU) and cuDNN convolutions skip layout reorders. Not bit-identical
+    # on CPU: train-mode BatchNorm in channels-last differs from the default layout by ~1e-4
+    # relative at the first layer's input (summation order), evaluation maps by ~1e-6.
     channels_last: bool = False
     # Training keeps only each decoder stage's (trainable encoder stage's) input and runs the
     # stage again in backward: less peak memory for one more forward of that part; weights,
@@ -93,13 +95,19 @@ class TrainConfig:
     reuse_cpu_memory: bool = True
     # The authors' "stable" variant: partial BN in the trainable encoder, AdamW eps 1e-10,
     # decoder optimizer reset every `reset_every` iterations, encoder paused `encoder_pause`
-    # iterations after each reset.
+    # iterations after each reset (the authors' code: 99). Their stable runs also score images
+    # with the mean of the top 1 % of the map: set eval.score=topk_mean to match them (the
+    # image score stays eval.score either way; training logs which one the run uses).
     stable: bool = False
     reset_every: int = 500
-    encoder_pause: int = 100
+    encoder_pause: int = 99
     drop_last: bool = True
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
+    # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
+    # "proxy" (the evaluation with the best proxy/score, every eval_every iterations; no
+    # test label is used). best.ckpt holds them; last.ckpt stays the resume point.
+    select: str = "last"
     checkpoint_every: int = 100
     # Divergence watch: warn when the loss trend over this window rises after warm-up.
     divergence_window: int = 100
@@ -120,6 +128,10 @@ class EvalConfig:
     num_bins: int = 16384  # pixel-metric histogram resolution (see metrics.py for the bound)
     pro_fpr_limit: float = 0.3
     threshold_quantile: float = 0.99  # normal-only threshold: quantile of held-out good scores
+    # Label-free validation: synthetic defects on the held-out good images (data.val_fraction)
+    # give proxy/* metrics at every evaluation (recontrast/defects.py); proxy_seed draws them.
+    proxy: bool = True
+    proxy_seed: int = 0
     figures: bool = True
     gif: bool = True
 
@@ -171,6 +183,7 @@ _CHOICES = {
     "train.device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
     "eval.combine": ("sum", "mean", "product"),
     "eval.score": ("max", "topk_mean"),
+    "train.select": ("last", "proxy"),
 }
 
 
@@ -326,4 +339,11 @@ def validate(cfg: Config) -> Config:
     check_level_weights(cfg.eval.level_weights, "eval.level_weights")
     if cfg.model.width_mult <= 0:
         raise ConfigError(f"model.width_mult must be > 0, got {cfg.model.width_mult}")
+    if cfg.train.select == "proxy":
+        missing = [fix for bad, fix in ((cfg.train.eval_every <= 0, "train.eval_every > 0"),
+                                        (cfg.data.val_fraction <= 0, "data.val_fraction > 0"),
+                                        (not cfg.eval.proxy, "eval.proxy=true")) if bad]
+        if missing:
+            raise ConfigError(f"train.select=proxy chooses among evaluations of held-out images with "
+                              f"synthetic defects: it needs {', '.join(missing)}")
     return cfg

@@ -17,9 +17,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from .images import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, BadImage, DataError,  # noqa: F401
-                     check_image, list_images, load_mask, load_rgb, normalise, resize_mask,
-                     resize_rgb)
+from recontrast.images import (IMAGE_EXTENSIONS, BadImage, DataError, check_image, imagenet_normalise,
+                               list_images, load_mask, load_rgb, resize_mask, resize_rgb)
 
 
 class RootNotFound(DataError):
@@ -109,7 +108,7 @@ class ImageDataset(Dataset):
         image, mask = pair
         if mask is None:
             mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8)
-        return {"image": normalise(image), "mask": mask.float(), "label": s.label,
+        return {"image": imagenet_normalise(image), "mask": mask.float(), "label": s.label,
                 "defect_type": s.defect_type, "path": str(s.path)}
 
     def subset(self, indices) -> "ImageDataset":
@@ -154,7 +153,8 @@ class MVTecDataset(ImageDataset):
     """One category of the MVTec AD layout.
 
     <root>/<category>/train/good/*.png, test/good/*.png, test/<type>/*.png,
-    ground_truth/<type>/<stem>_mask.png (0/255; `<stem>.png` accepted too).
+    ground_truth/<type>/<stem>_mask.png (0/255; `<stem>.png` accepted too). Without a
+    ground_truth/ folder the test split is image-level only (`has_masks` False).
     """
 
     def __init__(self, root, category: str, split: str, image_size: int = 256,
@@ -173,8 +173,11 @@ class MVTecDataset(ImageDataset):
         elif split == "test":
             types = sorted(p.name for p in (base / "test").iterdir() if p.is_dir()) \
                 if (base / "test").is_dir() else []
+            # No ground_truth/ folder at all: an image-level dataset (good/defect labels only);
+            # pixel metrics are then n/a. With the folder, every defect image needs its mask.
+            has_masks = (base / "ground_truth").is_dir()
             entries = [Sample(p, int(t != "good"), t,
-                              None if t == "good" else _find_mask([base / "ground_truth"], t, p))
+                              _find_mask([base / "ground_truth"], t, p) if t != "good" and has_masks else None)
                        for t in types for p in list_images(base / "test" / t)]
             if not entries:
                 raise EmptySplit(f"no test images under '{base / 'test'}' (expected test/good "
@@ -182,7 +185,8 @@ class MVTecDataset(ImageDataset):
         else:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.root, self.category, self.split = root, category, split
-        super().__init__(entries, image_size, skip_bad, cache, has_masks=True)
+        super().__init__(entries, image_size, skip_bad, cache,
+                         has_masks=split == "train" or (base / "ground_truth").is_dir())
 
 
 def every_kth(n: int, fraction: float) -> list[int]:

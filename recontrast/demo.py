@@ -10,9 +10,13 @@ import os
 import time
 from pathlib import Path
 
-from recontrast.batch import StudyReport, ablation_table, load_study, run_study, study_results
+from recontrast import synthetic
+from recontrast.batch import StudyReport, kernel_name, run_study
 from recontrast.config import load_config
-from recontrast.tracking import project_root, tracking_uri
+from recontrast.mlflow_store import tracking_uri
+from recontrast.runtime import project_root
+from recontrast.study import load_study
+from recontrast.study_results import ablation_table, log_comparison, study_results
 
 STUDY_FILE = Path("experiments") / "demo_study.yaml"
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -35,8 +39,6 @@ def run_demo(quick: bool = False, *, workdir: str | Path | None = None, jobs: in
     two cores better as two processes than as two threads); `jobs` overrides that.
     Raises DemoError when a pair failed (after running and reporting the others).
     """
-    from recontrast import synthetic
-
     t0 = time.time()
     root = project_root()
     workdir = Path(workdir).resolve() if workdir else root
@@ -72,8 +74,6 @@ def run_demo(quick: bool = False, *, workdir: str | Path | None = None, jobs: in
 def _comparison_notebook(study: str, experiment: str, folder: Path) -> Path:
     """Returns the executed notebook 04 for `study` (its figures logged to the study run)."""
     import papermill as pm
-
-    from recontrast.batch import kernel_name, log_comparison
 
     root = project_root()
     out = folder / "04_ablations.ipynb"

@@ -14,7 +14,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class DataError(ValueError):
@@ -52,7 +52,7 @@ def _bad(path: Path, exc: Exception) -> BadImage:
     return BadImage(f"'{path}' is truncated or corrupt ({type(exc).__name__}: {exc})")
 
 
-def _decode(path: Path) -> Image.Image:
+def decode_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
@@ -67,8 +67,8 @@ def load_rgb(path: Path) -> np.ndarray:
     Grayscale, palette (with transparency), RGBA and CMYK go through PIL's RGB conversion
     (alpha dropped); 16-bit images are scaled by 1/257 so 65535 maps to 255.
     """
-    im = _decode(path)
-    if im.mode in _SIXTEEN_BIT:
+    im = decode_image(path)
+    if im.mode in SIXTEEN_BIT_MODES:
         gray = np.asarray(im, dtype=np.float32) / 257.0
         return np.repeat(np.clip(gray, 0, 255)[..., None], 3, axis=-1)
     if im.mode == "F":
@@ -86,10 +86,10 @@ def load_mask(path: Path) -> tuple[np.ndarray, str | None]:
     0/255 masks are taken as they are; 0/1 masks mark 1 as defect; anything else is
     thresholded at half of its value range (127.5 for 8-bit, 32767.5 for 16-bit).
     """
-    im = _decode(path)
+    im = decode_image(path)
     if im.mode == "1":
         return np.asarray(im, dtype=bool), None
-    if im.mode in _SIXTEEN_BIT:
+    if im.mode in SIXTEEN_BIT_MODES:
         values, full = np.asarray(im, dtype=np.int64), 65535
     else:
         values, full = np.asarray(im.convert("L"), dtype=np.int64), 255
@@ -119,8 +119,19 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im) > 127).to(torch.uint8)[None]
 
 
-def normalise(image: torch.Tensor) -> torch.Tensor:
+def imagenet_normalise(image: torch.Tensor) -> torch.Tensor:
     """Returns float (3, S, S) ImageNet-normalised from uint8 (3, S, S)."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (image.float() / 255.0 - mean) / std
+
+
+def denormalize(image) -> np.ndarray:
+    """Returns the uint8 RGB (H, W, 3) image of an ImageNet-normalised (3, H, W) tensor/array."""
+    x = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, np.float32)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image, got shape {tuple(x.shape)}")
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    rgb = np.clip((x * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb.transpose(1, 2, 0))  # (3, H, W) -> (H, W, 3)

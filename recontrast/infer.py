@@ -4,7 +4,7 @@
     pred = det.predict(Image.open("x.png"))  # pred.score > 0.5  <=>  pred.is_anomalous
 
 Scores and maps use the checkpoint's calibration (written by `recontrast evaluate`): one
-fixed scale for every image on which the chosen threshold reads 0.5 (evaluate.FORMULA).
+fixed scale for every image on which the chosen threshold reads 0.5 (calibration.FORMULA).
 Without a calibration the detector still gives raw scores and raw maps, and says so.
 """
 from __future__ import annotations
@@ -22,10 +22,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from recontrast import plots
 from recontrast.anomaly_map import image_score, maps_for, max_map_value
+from recontrast.calibration import pick_threshold, threshold_scale
 from recontrast.config import EvalConfig
-from recontrast.evaluate import normalise, pick_threshold
-from recontrast.images import IMAGE_EXTENSIONS
+from recontrast.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, decode_image, imagenet_normalise,
+                               resize_rgb)
+from recontrast.model import load_model
+from recontrast.runtime import pick_device
 
 UNCALIBRATED = ("the checkpoint holds no calibration: run `recontrast evaluate --checkpoint {ckpt}` "
                 "first to calibrate a threshold; until then predictions carry raw scores only")
@@ -54,9 +58,7 @@ def to_pil(image: Any) -> Image.Image:
     Raises images.BadImage (a ValueError) naming the file when a path cannot be decoded.
     """
     if isinstance(image, (str, Path)):
-        from recontrast.images import _decode  # the dataset's decoder and error messages
-
-        return _decode(Path(image))
+        return decode_image(Path(image))  # the dataset's decoder and error messages
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:
@@ -77,11 +79,9 @@ def to_pil(image: Any) -> Image.Image:
 def rgb_array(im: Image.Image) -> np.ndarray:
     """Returns float32 (H, W, 3) on [0, 255], converted exactly as images.load_rgb does for files
     (16-bit scaled by 1/257, float images, palette transparency, RGBA/CMYK/L via PIL)."""
-    from recontrast.images import _SIXTEEN_BIT
-
-    if im.mode in _SIXTEEN_BIT or im.mode == "F":
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "F":
         gray = np.asarray(im, dtype=np.float32)
-        if im.mode in _SIXTEEN_BIT:
+        if im.mode in SIXTEEN_BIT_MODES:
             gray = gray / 257.0
         elif gray.max(initial=0) <= 1.0:
             gray = gray * 255.0
@@ -97,8 +97,6 @@ def preprocess(image: Any, image_size: int) -> Tensor:
 
     A torch tensor of shape (3, S, S) is taken as already preprocessed (a dataset item).
     """
-    from recontrast.images import normalise as imagenet_normalise, resize_rgb
-
     if isinstance(image, Tensor):
         if tuple(image.shape) != (3, image_size, image_size):
             raise ValueError(f"a tensor input must be a preprocessed (3, {image_size}, {image_size}) "
@@ -144,8 +142,6 @@ class Detector:
         threshold: "normal" (quantile of held-out good scores), "f1" (F1-optimal on the
         test set), a raw-score number, or None for the calibration's default.
         """
-        from recontrast.checkpoint import load_model
-
         model, cfg, state = load_model(ckpt, device)
         return cls(model, cfg.data.image_size, cfg.eval, state.get("calibration"), threshold,
                    device, source=str(ckpt))
@@ -164,8 +160,8 @@ class Detector:
         m = raw_map.squeeze(0).float().cpu().numpy()  # (1, S, S) -> (S, S)
         if self.threshold is None:
             return Prediction(None, raw_score, None, m, "uncalibrated", None, path)
-        score = max(0.0, normalise(raw_score, self.threshold, self.offset))
-        shown = np.clip(normalise(m, self.threshold, self.offset), 0.0, 1.0).astype(np.float32)
+        score = max(0.0, threshold_scale(raw_score, self.threshold, self.offset))
+        shown = np.clip(threshold_scale(m, self.threshold, self.offset), 0.0, 1.0).astype(np.float32)
         return Prediction(score, raw_score, raw_score > self.threshold, shown,
                           self.threshold_name, self.threshold, path)
 
@@ -232,9 +228,6 @@ def main_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str 
     """Returns one row per input image (path, score, raw_score, anomalous, ..., error) after
     writing a heatmap overlay per image and predictions.csv to `out`; unreadable images are
     skipped with a warning and an error row."""
-    from recontrast import plots
-    from recontrast.train import pick_device
-
     files = collect_images(inputs)
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
@@ -299,75 +292,3 @@ def _print_table(rows: list[dict[str, Any]], det: Detector, out: Path) -> None:
           else f"{det.threshold_name} = {det.threshold:.4g} (raw)")
     print(f"{len(rows) - bad} scored, {bad} unreadable; threshold {th}; score 0.5 = threshold; "
           f"results in {out / 'predictions.csv'}")
-
-
-# --- export --------------------------------------------------------------------------------
-
-class InferenceGraph(nn.Module):
-    """image (B, 3, S, S) ImageNet-normalised -> (anomaly map (B, 1, S, S), raw score (B,))."""
-
-    def __init__(self, model: nn.Module, eval_cfg: EvalConfig, image_size: int):
-        super().__init__()
-        self.model, self.eval_cfg, self.image_size = model.eval(), eval_cfg, image_size
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.eval_cfg
-        maps = maps_for(self.model(x), (self.image_size, self.image_size), e)
-        return maps, image_score(maps, e.score, e.topk)
-
-
-def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "onnx",
-           image_size: int | None = None) -> Path:
-    """Returns the path of the exported inference graph (ONNX, dynamic batch axis).
-
-    Inputs "image" (B, 3, S, S); outputs "anomaly_map" (B, 1, S, S) and "score" (B,), both
-    raw. The checkpoint's calibration is stored as JSON in the model's metadata
-    ("recontrast.calibration") so a deployment can apply the same normalisation.
-    """
-    import json
-
-    from recontrast.checkpoint import load_model
-
-    if fmt != "onnx":
-        raise ValueError(f"export format {fmt!r} is not supported; use 'onnx'")
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install 'recontrast[export]'") from None
-    model, cfg, state = load_model(checkpoint, "cpu")
-    size = int(image_size or cfg.data.image_size)
-    if size <= 0 or size % 32:
-        raise ValueError(f"image_size={size} must be a positive multiple of 32 "
-                         "(the encoder downsamples by 32)")
-    calibration = state.get("calibration") or {}
-    eval_cfg = EvalConfig(**{**vars(cfg.eval), **(calibration.get("eval") or {})})
-    out = Path(out) if out is not None else Path(checkpoint).with_suffix(".onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    graph = InferenceGraph(model, eval_cfg, size).eval()
-    dummy = torch.zeros(1, 3, size, size)
-    kwargs = dict(input_names=["image"], output_names=["anomaly_map", "score"], opset_version=17,
-                  dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        # The dynamo exporter needs onnxscript (not a dependency); the TorchScript one
-        # exports kornia's blur (reflect pad + conv) and timm/torchvision encoders as is.
-        torch.onnx.export(graph, (dummy,), str(out), dynamo=False, **kwargs)
-    _add_metadata(out, {"recontrast.calibration": json.dumps(calibration),
-                        "recontrast.eval": json.dumps(vars(eval_cfg)),
-                        "recontrast.image_size": str(size),
-                        "recontrast.normalisation": "ImageNet mean/std on RGB in [0, 1]"})
-    return out
-
-
-def _add_metadata(path: Path, entries: dict[str, str]) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    for key, value in entries.items():
-        prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
-    onnx.save(proto, str(path))
-
-
-__all__ = ["Detector", "Prediction", "main_predict", "export", "preprocess", "to_pil",
-           "collect_images", "InferenceGraph", "IMAGE_EXTENSIONS", "UnreadableImageWarning"]

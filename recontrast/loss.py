@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .config import LossConfig
+from recontrast.config import LossConfig
 
 Pairs = list[tuple[Tensor, Tensor]]
 

@@ -1,6 +1,6 @@
 """The ReContrast network: two encoders, an RD4AD bottleneck, a de-ResNet decoder, two head sets.
 
-Pure torch: no training logic, logging or files here (see ../shared/docs/method.md, "Model").
+Pure torch: no training logic, logging or files here (see docs/method.md, "Model").
 `forward(x)` returns the (target, prediction) pairs the loss and the anomaly map consume.
 """
 from __future__ import annotations
@@ -16,8 +16,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import Bottleneck
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, create_encoder, pretrained_normalization
-from .config import Config, encoder_bn_mode
+from recontrast.backbones import create_encoder, pretrained_normalization
+from recontrast.checkpoint import CheckpointError, load_checkpoint
+from recontrast.config import Config, encoder_bn_mode, from_dict
+from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 
 Pairs = list[tuple[Tensor, Tensor]]
 DECODER_BLOCKS = (3, 4, 6)  # de-Bottleneck blocks per stage: H/32->H/16, ->H/8, ->H/4
@@ -26,9 +28,11 @@ DECODER_BLOCKS = (3, 4, 6)  # de-Bottleneck blocks per stage: H/32->H/16, ->H/8,
 class PartialBatchNorm2d(nn.BatchNorm2d):
     """Train-mode BatchNorm that never divides by a near-zero batch variance (the "stable" BN).
 
-    In training, a channel whose batch variance is below min(var_thresh, pretrained running
-    variance) is normalised with the pretrained running variance instead (method.md); other
-    channels use the batch variance. Eval mode is plain BN on the running statistics.
+    As the authors' code does (docs/method.md, "stable variant"): in training, a channel whose
+    unbiased batch variance is not above v = min(pretrained running variance, var_thresh) is
+    normalised with its batch mean and variance v, and v enters the running-variance update;
+    the other channels are plain train-mode BN, their running variance updated with the
+    unbiased batch variance. Eval mode is plain BN on the running statistics.
     `act`/`drop` carry timm's BatchNormAct2d activation when that is what was replaced.
     """
 
@@ -67,13 +71,15 @@ class PartialBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()  # statistics in fp32 also under autocast
         mean = xf.mean(dim=(0, 2, 3))
         var = xf.var(dim=(0, 2, 3), unbiased=False)
-        floor = self.pretrained_var.clamp(max=self.var_thresh)
-        var_used = torch.where(var < floor, self.pretrained_var, var)
-        scale = self.weight * torch.rsqrt(var_used + self.eps)
+        n = xf.numel() // xf.shape[1]  # values per channel
+        unbiased = var.detach() * n / max(n - 1, 1)
+        fallback = self.pretrained_var.clamp(max=self.var_thresh)  # v = min(pretrained var, 5e-4)
+        low = unbiased <= fallback  # the authors test the unbiased variance: "not above v"
+        scale = self.weight * torch.rsqrt(torch.where(low, fallback, var) + self.eps)
         y = (xf - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
         with torch.no_grad():
             self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var_used.detach(), self.momentum)
+            self.running_var.lerp_(torch.where(low, fallback, unbiased), self.momentum)
             self.num_batches_tracked.add_(1)
         return self.act(self.drop(y.to(x.dtype)))
 
@@ -362,3 +368,20 @@ def build_model(cfg: Config) -> ReContrast:
         recompute_encoder=cfg.model.recompute_encoder,
         input_norm=pretrained_normalization(cfg.model.backbone),
     )
+
+
+def load_model(path, device: str | torch.device = "cpu") -> tuple[ReContrast, Config, dict]:
+    """Returns (model in eval mode, cfg, ckpt): the model rebuilt from a checkpoint's config.
+
+    `model.pretrained` is forced to "none": every weight comes from the checkpoint, so
+    evaluation and prediction never download anything.
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = from_dict(ckpt["config"])
+    cfg.model.pretrained = "none"
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"'{path}' does not match the model its config builds: {err}") from err
+    return model.to(device).eval(), cfg, ckpt

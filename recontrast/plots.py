@@ -20,22 +20,11 @@ if "ipykernel" not in sys.modules and not os.environ.get("DISPLAY") and "MPLBACK
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from recontrast.images import denormalize  # noqa: F401 - plots.denormalize for notebooks
+
 CMAP = "jet"
-
-
-def denormalize(image) -> np.ndarray:
-    """Returns the uint8 RGB (H, W, 3) image of an ImageNet-normalised (3, H, W) tensor/array."""
-    x = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, np.float32)
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image, got shape {tuple(x.shape)}")
-    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
-    rgb = np.clip((x * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb.transpose(1, 2, 0))  # (3, H, W) -> (H, W, 3)
 
 
 def resize_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -229,8 +218,6 @@ def triptych(image_uint8: np.ndarray, map_normalised: np.ndarray, mask: np.ndarr
     frame = np.concatenate([img, gap, overlay(img, map_normalised), gap,
                             mask_rgb(mask, img.shape[:2])], axis=1)
     if caption:
-        from PIL import ImageDraw
-
         band = Image.new("RGB", (frame.shape[1], 14), "white")
         ImageDraw.Draw(band).text((2, 1), caption, fill="black")
         frame = np.concatenate([np.asarray(band), frame], axis=0)

@@ -1,15 +1,15 @@
 """Training: one readable loop over iterations, two AdamW optimizers, atomic checkpoints.
 
-`train(cfg)` is the whole recipe of ../shared/docs/method.md; `Callback` is the only hook
-(MLflow tracking subclasses it). Sampling is a pure function of (seed, iteration), and the
-checkpoint holds model, optimizers, RNG and loss history, so `resume=True` continues
-bit-identically where a killed run stopped.
+`train(cfg)` is the whole recipe of docs/method.md; `Callback` is the only hook (MLflow
+tracking subclasses it; `recontrast.pipeline` ties training, evaluation and tracking).
+Sampling is a pure function of (seed, iteration), and the checkpoint holds model,
+optimizers, RNG and loss history, so `resume=True` continues bit-identically where a
+killed run stopped.
 """
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -19,21 +19,29 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a TTY, silent otherwise
 
 from recontrast.checkpoint import (config_changes, load_checkpoint, restore_training_state,
                                    save_checkpoint, training_state)
-from recontrast.config import Config, ConfigError, load_config
+from recontrast.config import Config, ConfigError
 from recontrast.cpu_memory import reuse_freed_memory
+from recontrast.data import build_datasets
+from recontrast.evaluate import PROXY_SCORE
+from recontrast.loss import ReContrastLoss
+from recontrast.model import build_model
+from recontrast.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 _STACK_LIMIT_BYTES = 4 << 30  # stack the cached train set into one tensor below this size
 
 
+# What a warning is about (Callback.on_warning's `kind`; MLflow sets a tag of that name).
+LOSS_RISING = "loss_rising"  # the loss trend rose after the warm-up: a warning, training goes on
+DIVERGED = "diverged"  # the loss or a weight became NaN/inf: training stops
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss (or a weight) became NaN/inf; the last good checkpoint is kept."""
-
-
-TrainingDiverged = TrainingDivergedError
 
 
 class Callback:
@@ -42,7 +50,7 @@ class Callback:
     def on_start(self, cfg: Config, model: nn.Module, start_iteration: int) -> None: ...
     def on_log(self, iteration: int, metrics: dict[str, float]) -> None: ...
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None: ...
-    def on_warning(self, message: str) -> None: ...
+    def on_warning(self, message: str, kind: str) -> None: ...
     def on_checkpoint(self, iteration: int, path: Path) -> None: ...
     def on_end(self, result: TrainResult) -> None: ...
 
@@ -53,30 +61,12 @@ class TrainResult:
     checkpoint: Path
     iterations: int
     loss_history: list[float]
-    diverged: bool = False
+    loss_rising: bool = False  # a LOSS_RISING warning was given (divergence raises instead)
     warnings: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)  # the last eval_fn result
     fit_seconds: float = 0.0  # wall time of this call's training loop (checkpoints included)
-
-
-def pick_device(name: str) -> torch.device:
-    """Returns the torch device for train.device ('auto' = cuda > mps > cpu)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=auto")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds python's random, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    selected_iteration: int | None = None  # train.select=proxy: the iteration whose weights were kept
+    health: Any = None  # health.Health, set by the pipeline once training ended
 
 
 def batch_indices(n: int, batch_size: int, seed: int, iteration: int, drop_last: bool) -> torch.Tensor:
@@ -88,6 +78,36 @@ def batch_indices(n: int, batch_size: int, seed: int, iteration: int, drop_last:
     epoch, k = divmod(iteration, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     return perm[k * batch_size : (k + 1) * batch_size]
+
+
+class ProxySelection:
+    """Keeps the weights of the evaluation with the best proxy/score in best.ckpt
+    (train.select=proxy): model selection on synthetic defects, never on test labels."""
+
+    def __init__(self, path: Path, enabled: bool, resume: bool):
+        self.path, self.enabled, self.best = path, enabled, -math.inf
+        if enabled and resume and path.is_file():
+            self.best = load_checkpoint(path)["selection"]["score"]
+        elif not resume:
+            path.unlink(missing_ok=True)  # an earlier run's choice must not survive a new run
+
+    def offer(self, metrics: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        """Saves state() to best.ckpt when metrics' proxy/score beats every earlier one."""
+        score = metrics.get(PROXY_SCORE, math.nan)
+        if self.enabled and math.isfinite(score) and score > self.best:
+            self.best = score
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or hasattr(v, "item")}
+            save_checkpoint(self.path, {**state(), "selection": {"score": float(score), "metrics": numbers}})
+
+    def restore_best(self, result: TrainResult) -> None:
+        """Loads the selected weights into result.model; result.checkpoint becomes best.ckpt."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        ckpt = load_checkpoint(self.path)
+        result.model.load_state_dict(ckpt["model"])
+        result.checkpoint, result.selected_iteration = self.path, int(ckpt["iteration"])
+        result.metrics = dict(ckpt["selection"]["metrics"])
+        log.info("train.select=proxy: kept iteration %d (proxy/score %.4f)", result.selected_iteration, self.best)
 
 
 class TrainBatches:
@@ -161,8 +181,6 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def _progress(total: int, initial: int):
-    from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a TTY, silent otherwise
-
     in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
     return tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
                 disable=False if in_notebook else None)
@@ -176,9 +194,6 @@ def train(
     datasets=None,
 ) -> TrainResult:
     """Returns the trained model, its checkpoint <train.out>/last.ckpt and the loss history."""
-    from recontrast.loss import ReContrastLoss
-    from recontrast.model import build_model
-
     t = cfg.train
     device = pick_device(t.device)
     amp = _amp_dtype(t.amp, device)
@@ -186,8 +201,6 @@ def train(
         torch.set_num_threads(t.threads)
     seed_everything(t.seed)
     if datasets is None:
-        from recontrast.data import build_datasets
-
         datasets = build_datasets(cfg.data)
     batches = TrainBatches(datasets.train, cfg, device)  # checks batch size before any work
 
@@ -196,6 +209,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     loss_fn = ReContrastLoss(stable_loss_config(cfg), t.iters)
     path = Path(t.out) / "last.ckpt"
+    selector = ProxySelection(Path(t.out) / "best.ckpt", enabled=t.select == "proxy", resume=resume)
     start, history, last_good = 0, [], None
     if resume:
         ckpt = load_checkpoint(path)
@@ -219,6 +233,9 @@ def train(
         cb.on_start(cfg, model, start)
     log.info("training on %s: %d images, batch %d, iterations %d..%d",
              device, len(datasets.train), t.batch_size, start, t.iters)
+    if t.stable:
+        log.info("stable variant: images are scored with eval.score=%s (the authors' stable runs use "
+                 "topk_mean, the mean of the top %.0f %% of the map)", cfg.eval.score, 100 * cfg.eval.topk)
     model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
     tick, last_eval = (time.perf_counter(), start), None
     fit_start = tick[0]
@@ -250,7 +267,7 @@ def train(
                 for cb in callbacks:
                     cb.on_log(done, metrics)
             bar.update(1)
-            if not result.diverged and done >= watch_from and rising_trend(history[-t.divergence_window:]):
+            if not result.loss_rising and done >= watch_from and rising_trend(history[-t.divergence_window:]):
                 _warn(result, callbacks, f"training may be diverging: the loss rose over iterations "
                       f"{done - t.divergence_window}..{done} after the warm-up. Try train.stable=true, a "
                       f"lower train.lr, a longer warm-up (loss.warmup_min_iters) or loss.factor > 0")
@@ -258,9 +275,13 @@ def train(
                 last_good = save(done)
             if eval_fn is not None and t.eval_every > 0 and done % t.eval_every == 0:
                 last_eval = _evaluate(eval_fn, model, done, callbacks, result)
+                selector.offer(result.metrics, lambda: training_state(cfg, model, optimizers, scaler, done, history))
     result.fit_seconds = time.perf_counter() - fit_start
     if eval_fn is not None and last_eval != result.iterations:
         _evaluate(eval_fn, model, result.iterations, callbacks, result)
+        selector.offer(result.metrics, lambda: training_state(cfg, model, optimizers, scaler, result.iterations,
+                                                              history))
+    selector.restore_best(result)
     model.eval()
     for cb in callbacks:
         cb.on_end(result)
@@ -287,52 +308,19 @@ def _evaluate(eval_fn, model: nn.Module, iteration: int, callbacks, result: Trai
 
 
 def _warn(result: TrainResult, callbacks, message: str) -> None:
-    result.diverged = True
+    result.loss_rising = True
     result.warnings.append(message)
     log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     for cb in callbacks:
-        cb.on_warning(message)
+        cb.on_warning(message, LOSS_RISING)
 
 
-def _diverged(iteration: int, what: str, last_good: Path | None, callbacks) -> TrainingDiverged:
+def _diverged(iteration: int, what: str, last_good: Path | None, callbacks) -> TrainingDivergedError:
     """Returns the error to raise, after telling the callbacks (MLflow records the reason)."""
     kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
     message = (f"training diverged at iteration {iteration}: {what} is NaN/inf; {kept}. "
                f"Try a lower train.lr, train.stable=true, or train.amp=none")
     for cb in callbacks:
-        cb.on_warning(message)
-    return TrainingDiverged(message)
-
-
-def main_train(
-    config_path: str | Path | None,
-    overrides: list[str] | dict[str, Any] | None = None,
-    out: str | Path | None = None,
-    resume: bool = False,
-    track: bool = True,
-    callbacks: Sequence[Callback] = (),
-    evaluate: bool = False,
-) -> TrainResult:
-    """Returns the TrainResult of `recontrast train --config ... --set ... --out ...`.
-
-    Logs to MLflow through tracking.run_training when `track` and tracking.enabled. With
-    `evaluate`, the final model is evaluated too (figures, calibration) and its metrics
-    printed; otherwise that is `recontrast evaluate --checkpoint <out>/last.ckpt`.
-    """
-    from recontrast.tracking import run_training
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(config_path, overrides)
-    if out is not None:
-        cfg.train.out = str(out)
-    result, evaluation, run_id = run_training(cfg, resume=resume, track=track, evaluate_at_end=evaluate,
-                                              callbacks=callbacks)
-    if evaluation is not None:
-        print(evaluation.table())
-        print(f"figures and metrics: {evaluation.out_dir}")
-    note = "; the loss trend rose, see the warning above" if result.diverged else ""
-    run = f"; MLflow run {run_id}" if run_id else ""
-    print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations{run}{note})")
-    return result
+        cb.on_warning(message, DIVERGED)
+    return TrainingDivergedError(message)

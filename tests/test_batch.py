@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import empty_store
-from recontrast import batch, tracking
+from recontrast import batch, mlflow_store, study
 from recontrast.batch import PairResult
 from recontrast.config import ConfigError
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def store(tmp_path_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store(tmp_path_factory, tmp_path / "mlruns"))
-    return tracking.get_client()
+    return mlflow_store.get_client()
 
 
 def study_file(tmp_path: Path, data_root: Path, categories: list[str], variants: dict) -> Path:
@@ -53,17 +53,17 @@ class Recorder:
 
 
 def test_shipped_study_files_plan_four_variants(tmp_path):
-    spec = batch.load_study(REPO / "experiments" / "ablation_da_sg.yaml")
-    jobs = batch.plan(spec, overrides=[f"data.root={tmp_path}"], runs_dir=tmp_path)
+    spec = study.load_study(REPO / "experiments" / "ablation_da_sg.yaml")
+    jobs = study.plan(spec, overrides=[f"data.root={tmp_path}"], runs_dir=tmp_path)
     assert set(spec.variants) == {"full", "no_da", "no_sg", "no_da_no_sg"}
     assert len(jobs) == 4 * len(spec.categories)
     no_da_no_sg = next(j for j in jobs if j.variant == "no_da_no_sg")
     assert {"model.domain_adaptation=false", "loss.stop_grad=false"} <= set(no_da_no_sg.overrides)
-    assert batch.load_study(REPO / "experiments" / "demo_study.yaml").variants.keys() == spec.variants.keys()
+    assert study.load_study(REPO / "experiments" / "demo_study.yaml").variants.keys() == spec.variants.keys()
     with pytest.raises(ConfigError, match="did you mean 'no_da'"):
-        batch.plan(spec, variants=["no-da"], overrides=[f"data.root={tmp_path}"])
+        study.plan(spec, variants=["no-da"], overrides=[f"data.root={tmp_path}"])
     with pytest.raises(ConfigError, match="recontrast synth --out"):
-        batch.plan(spec, overrides=[f"data.root={tmp_path / 'missing'}"])
+        study.plan(spec, overrides=[f"data.root={tmp_path / 'missing'}"])
 
 
 def test_a_rerun_skips_finished_pairs_force_redoes_them_and_failures_do_not_stop_others(store, tmp_path):

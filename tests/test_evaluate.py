@@ -12,7 +12,10 @@ from PIL import Image
 
 from conftest import one_thread
 from recontrast import evaluate as E
-from recontrast.checkpoint import load_checkpoint, load_model
+from recontrast import pipeline, report
+from recontrast.calibration import threshold_scale
+from recontrast.checkpoint import load_checkpoint
+from recontrast.model import load_model
 from recontrast.config import Config, apply_overrides
 
 CATEGORY = "weave"
@@ -39,7 +42,7 @@ def evaluated(synthetic_root, tmp_path_factory):
     datasets = build_datasets(cfg.data)
     with one_thread():
         ckpt = train(cfg, datasets=datasets).checkpoint
-        result = E.main_evaluate(ckpt, out=run / "eval", track=False)
+        result = pipeline.run_evaluation(ckpt, out=run / "eval", track=False)
     return ckpt, result, run / "eval", datasets
 
 
@@ -146,12 +149,12 @@ def test_normalisation_is_one_fixed_map_not_per_image_min_max():
     cal = {"threshold_f1": 2.0, "threshold_normal": 3.0, "default": "normal", "map_offset": 1.0}
     name, threshold = E.pick_threshold(cal)
     assert (name, threshold) == ("normal", 3.0)
-    assert E.normalise(3.0, threshold, 1.0) == pytest.approx(0.5)
+    assert threshold_scale(3.0, threshold, 1.0) == pytest.approx(0.5)
     constant = np.full((8, 8), 1.4)  # a calm map: same value everywhere, below the threshold
-    shown = E.normalise(constant, threshold, 1.0)
+    shown = threshold_scale(constant, threshold, 1.0)
     assert np.allclose(shown, 0.1)  # stays low (per-image min-max would give 0/0 or stretch)
     varied = constant + np.linspace(0, 0.01, 64).reshape(8, 8)
-    assert E.normalise(varied, threshold, 1.0).max() < 0.11
+    assert threshold_scale(varied, threshold, 1.0).max() < 0.11
     assert E.pick_threshold(cal, "f1") == ("f1", 2.0)
     assert E.pick_threshold(cal, "2.5") == ("custom", 2.5)
     with pytest.raises(ValueError, match="recontrast evaluate"):
@@ -185,11 +188,11 @@ def test_main_evaluate_logs_to_tracking_when_asked(evaluated, tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(tracking, "log_evaluation", lambda result, checkpoint: calls.append(checkpoint))
     quick = ["eval.figures=false", "eval.gif=false", "tracking.enabled=true"]
-    result = E.main_evaluate(ckpt, out=tmp_path / "e", overrides=quick, track=True)
+    result = pipeline.run_evaluation(ckpt, out=tmp_path / "e", overrides=quick, track=True)
     assert calls == [ckpt] and not result.figures
     # Evaluating another category never overwrites the model's own calibration.
     before = load_checkpoint(ckpt)["calibration"]
-    other = E.main_evaluate(ckpt, category="grain", out=tmp_path / "g", overrides=quick, track=False)
+    other = pipeline.run_evaluation(ckpt, category="grain", out=tmp_path / "g", overrides=quick, track=False)
     assert other.calibration["category"] == "grain" and len(calls) == 1
     assert load_checkpoint(ckpt)["calibration"] == before
 
@@ -198,18 +201,19 @@ def test_main_evaluate_logs_to_tracking_when_asked(evaluated, tmp_path, monkeypa
 
     monkeypatch.setattr(tracking, "log_evaluation", broken)
     with pytest.warns(RuntimeWarning, match="tracking server down"):  # outputs are kept
-        assert E.main_evaluate(ckpt, out=tmp_path / "e", overrides=quick, track=True).metrics
+        assert pipeline.run_evaluation(ckpt, out=tmp_path / "e", overrides=quick, track=True).metrics
 
 
 def test_a_test_set_of_one_class_evaluates_without_calibration(evaluated, tmp_path):
     """Only defect images and no held-out good ones: metrics are NaN, nothing crashes, and the
     per-image records say they are not calibrated instead of inventing a threshold."""
-    from recontrast.checkpoint import load_model
+    from recontrast.model import load_model
 
     ckpt, _, _, datasets = evaluated
     model, cfg, _ = load_model(ckpt)
     defects = [i for i, s in enumerate(datasets.test.samples) if s.label == 1]
-    result = E.evaluate(model, datasets.test.subset(defects), cfg.eval, out_dir=tmp_path)
+    result = E.evaluate(model, datasets.test.subset(defects), cfg.eval, keep_samples=True)
+    report.write_outputs(result, cfg.eval, tmp_path, "defects only")
     assert math.isnan(result.metrics["image_auroc"])
     assert all(r["anomalous"] == -1 and math.isnan(r["score_normalised"]) for r in result.records)
     assert (tmp_path / "per_image.csv").is_file()

@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import one_thread
-from recontrast import infer
-from recontrast.checkpoint import load_checkpoint, load_model, save_checkpoint
+from recontrast import export, infer
+from recontrast.checkpoint import load_checkpoint, save_checkpoint
+from recontrast.model import load_model
 from recontrast.config import Config, apply_overrides
-from recontrast.evaluate import main_evaluate, normalise
+from recontrast.calibration import threshold_scale
+from recontrast.pipeline import run_evaluation
 
 CATEGORY = "disc"
 
@@ -36,7 +38,7 @@ def calibrated(synthetic_root, tmp_path_factory):
     datasets = build_datasets(cfg.data)
     with one_thread():
         ckpt = train(cfg, datasets=datasets).checkpoint
-        result = main_evaluate(ckpt, out=run / "eval", track=False)
+        result = run_evaluation(ckpt, out=run / "eval", track=False)
     return ckpt, result, datasets.test
 
 
@@ -62,7 +64,7 @@ def test_predict_scores_are_normalised_to_the_threshold(calibrated, detector):
     for p, pr in zip(paths, preds):
         assert pr.raw_score == pytest.approx(by_path[str(p)], rel=1e-5, abs=1e-6)
         assert (pr.score > 0.5) == (pr.raw_score > det.threshold) == pr.is_anomalous
-        assert pr.score == pytest.approx(max(0.0, normalise(pr.raw_score, det.threshold, cal["map_offset"])))
+        assert pr.score == pytest.approx(max(0.0, threshold_scale(pr.raw_score, det.threshold, cal["map_offset"])))
     # A custom threshold between two images' raw scores splits them, and reads 0.5.
     raws = sorted(pr.raw_score for pr in preds)
     middle = (raws[len(raws) // 2 - 1] + raws[len(raws) // 2]) / 2
@@ -73,7 +75,7 @@ def test_predict_scores_are_normalised_to_the_threshold(calibrated, detector):
 
 
 def test_heatmaps_share_one_scale(calibrated, detector):
-    """Every map is normalise(raw map) with the same constants: with score = max, a normal
+    """Every map is threshold_scale(raw map) with the same constants: with score = max, a normal
     image below the threshold shows a map whose maximum IS its score (< 0.5), not 1."""
     ckpt, _, test = calibrated
     det = detector
@@ -81,7 +83,7 @@ def test_heatmaps_share_one_scale(calibrated, detector):
     x = torch.stack([test[i]["image"] for i in range(len(test))])
     raw_maps, _ = det.raw(x)
     for pr, raw in zip(preds, raw_maps):
-        expected = np.clip(normalise(raw[0].numpy(), det.threshold, det.offset), 0, 1)
+        expected = np.clip(threshold_scale(raw[0].numpy(), det.threshold, det.offset), 0, 1)
         assert np.allclose(pr.anomaly_map, expected, atol=1e-5)
         if pr.score < 1.0:
             assert pr.anomaly_map.max() == pytest.approx(pr.score, abs=1e-5)
@@ -155,9 +157,9 @@ def test_onnx_export_matches_pytorch(calibrated, tmp_path):
     import onnxruntime as ort
 
     ckpt, _, test = calibrated
-    path = infer.export(ckpt, out=tmp_path / "model.onnx")
+    path = export.export(ckpt, out=tmp_path / "model.onnx")
     model, cfg, state = load_model(ckpt)
-    graph = infer.InferenceGraph(model, cfg.eval, 64).eval()
+    graph = export.InferenceGraph(model, cfg.eval, 64).eval()
     x = torch.stack([test[i]["image"] for i in range(3)])
     with torch.no_grad():
         maps, scores = graph(x)
@@ -170,4 +172,4 @@ def test_onnx_export_matches_pytorch(calibrated, tmp_path):
     meta = session.get_modelmeta().custom_metadata_map
     assert '"threshold_normal"' in meta["recontrast.calibration"] and meta["recontrast.image_size"] == "64"
     with pytest.raises(ValueError, match="multiple of 32"):
-        infer.export(ckpt, out=tmp_path / "bad.onnx", image_size=50)
+        export.export(ckpt, out=tmp_path / "bad.onnx", image_size=50)

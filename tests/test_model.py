@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from recontrast.backbones import IMAGENET_MEAN, IMAGENET_STD, create_encoder
+from recontrast.backbones import create_encoder
+from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 from recontrast.config import Config, LossConfig
 from recontrast.loss import ReContrastLoss
 from recontrast.model import PartialBatchNorm2d, ReContrast, build_model
@@ -172,17 +173,27 @@ def test_stable_replaces_the_trainable_encoders_batchnorm_only():
     assert set(model.state_dict()) == set(ref.state_dict())  # checkpoints interchangeable
 
 
-def test_partial_bn_falls_back_where_the_batch_variance_vanishes():
-    bn = nn.BatchNorm2d(2, eps=1e-6)
-    bn.running_var.fill_(1.0)
+def test_partial_bn_falls_back_to_the_capped_pretrained_variance():
+    """One layer, hand-made statistics, against the authors' rule: where the batch variance is
+    below v = min(pretrained var, 5e-4), normalise with v and put v into the running variance;
+    elsewhere plain BN with the UNBIASED batch variance in the running update."""
+    bn = nn.BatchNorm2d(3, eps=1e-6, momentum=0.1)
+    bn.running_var.copy_(torch.tensor([1.0, 1e-4, 1.0]))  # ch 0: v = 5e-4 (capped), ch 1: v = 1e-4
     partial = PartialBatchNorm2d.from_bn(bn).train()
-    x = torch.randn(4, 2, 5, 5)
-    x[:, 0] = 3.0 + 1e-3 * x[:, 0]  # channel 0: batch variance 1e-6 < min(5e-4, 1)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 3.0 + 1e-3 * x[:, 0]  # batch variance ~1e-6 < 5e-4
+    x[:, 1] = -1.0 + 1e-3 * x[:, 1]  # batch variance ~1e-6 < 1e-4
     y = partial(x)
+    mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    n = 4 * 5 * 5
+    v = torch.tensor([5e-4, 1e-4, float(var[2])])  # the authors' fallback: the CAPPED pretrained var
+    expected = (x - mean.view(1, 3, 1, 1)) / torch.sqrt(v.view(1, 3, 1, 1) + 1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     plain = nn.functional.batch_norm(x, None, None, training=True, eps=1e-6)
-    assert y[:, 0].abs().max() < 1e-2  # noise / sqrt(pretrained var), not blown up to O(1)
-    assert plain[:, 0].abs().max() > 0.5
-    torch.testing.assert_close(y[:, 1], plain[:, 1])  # normal channels: plain batch norm
+    torch.testing.assert_close(y[:, 2], plain[:, 2])  # a normal channel: plain batch norm
+    running = torch.tensor([0.9 * 1.0 + 0.1 * 5e-4, 0.9 * 1e-4 + 0.1 * 1e-4, 0.9 * 1.0 + 0.1 * float(var[2]) * n / (n - 1)])
+    torch.testing.assert_close(partial.running_var, running, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(partial.running_mean, 0.1 * mean, rtol=1e-6, atol=1e-7)
 
 
 def test_stable_model_on_identical_images_stays_finite():

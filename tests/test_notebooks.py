@@ -10,25 +10,11 @@ import papermill as pm
 import pytest
 
 from conftest import empty_store
-from recontrast import tracking
+from recontrast import mlflow_store
 from recontrast.batch import kernel_name
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-
-
-def test_notebooks_are_generated_by_make_notebooks_and_have_parameters():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    for name, cells in make.NOTEBOOKS.items():
-        built = make.build(name, cells)
-        committed = nbformat.read(NOTEBOOKS / name, as_version=4)
-        assert committed.cells == built.cells, f"{name} differs: run python notebooks/make_notebooks.py"
-        tagged = [c for c in committed.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(tagged) == 1, name
 
 
 def outputs(path: Path) -> list[dict]:
@@ -58,7 +44,7 @@ def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path
     assert report.ok and [r.variant for r in report.results] == ["full", "no_da"]
     assert "image_auroc (delta" in capsys.readouterr().out
 
-    client = tracking.get_client()
+    client = mlflow_store.get_client()
     exp = client.get_experiment_by_name("demo")
     assert exp.artifact_location == (tmp_path / "mlruns" / "artifacts").as_uri()
     runs = {r.data.tags.get("ablation"): r for r in client.search_runs([exp.experiment_id], "tags.study = 'demo_quick'")

@@ -1,5 +1,4 @@
-"""The install story: pyproject and environment.yml agree; notebooks carry no outputs."""
-import json
+"""The install story: pyproject and environment.yml agree (notebooks: tests/test_architecture.py)."""
 import re
 import tomllib
 from pathlib import Path
@@ -25,11 +24,3 @@ def test_torch_pin_admits_the_pair_that_installs_offline():
     deps = {_name(d): d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert deps["torch"] == "torch>=2.4,<2.15"  # 2.14.1 lies on the dev/CI disk
     assert deps["torchvision"] == "torchvision>=0.19,<0.30"  # 0.29.1 pairs with it
-
-
-def test_notebooks_are_committed_without_outputs():
-    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
-    for nb in notebooks:
-        cells = json.loads(nb.read_text())["cells"]
-        dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
-        assert not dirty, f"{nb.name} has outputs in cells {dirty}: jupyter nbconvert --clear-output --inplace {nb}"

@@ -18,10 +18,10 @@ def _valid_png(path) -> tuple[int, int]:
 
 
 def test_denormalize_inverts_the_dataset_normalisation():
-    from recontrast.images import normalise
+    from recontrast.images import imagenet_normalise
 
     rgb = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
-    back = plots.denormalize(normalise(rgb))
+    back = plots.denormalize(imagenet_normalise(rgb))
     assert back.dtype == np.uint8 and back.shape == (16, 16, 3)
     assert np.array_equal(back, rgb.permute(1, 2, 0).numpy())
 

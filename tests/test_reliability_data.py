@@ -46,9 +46,9 @@ def runs_in(uri: str, out: Path) -> list:
 
 
 def _no_model(monkeypatch):
-    from recontrast import model as model_module
+    from recontrast import train
 
-    monkeypatch.setattr(model_module, "build_model", lambda cfg: pytest.fail("training started"))
+    monkeypatch.setattr(train, "build_model", lambda cfg: pytest.fail("training started"))
 
 
 # ----------------------------------------------------------------------------- bad images

@@ -81,7 +81,7 @@ def test_sigkill_mid_training_resume_is_exact_and_the_run_is_not_left_running(sy
     killed_at = ckpt["iteration"]
     assert killed_at in (2, 4, 6) and len(ckpt["loss_history"]) == killed_at, (killed_at, delay)
 
-    from recontrast.tracking import read_run_id
+    from recontrast.mlflow_store import read_run_id
 
     run_id = read_run_id(out)
     assert client(store).get_run(run_id).info.status == "RUNNING"
@@ -161,7 +161,7 @@ CHILD_LOG = textwrap.dedent("""
             cb.on_log(step, {"loss": 1.0 / step, "job": float(i)})
             if step % 4 == 0:
                 cb.flush()  # one sqlite write per 4 steps (the callback flushes every 10 s)
-        cb.on_end(type("R", (), {"iterations": steps, "diverged": False})())
+        cb.on_end(type("R", (), {"iterations": steps, "loss_rising": False})())
     print(run.run_id)
 """)
 

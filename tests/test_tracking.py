@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import empty_store
-from recontrast import tracking
+from recontrast import mlflow_store, pipeline, tracking
 from recontrast.config import load_config
-from recontrast.train import Callback, TrainResult
+from recontrast.train import LOSS_RISING, Callback, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def client(tmp_path_factory):
     """Returns an MlflowClient on a fresh sqlite store that tracking uses for this module."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", empty_store(tmp_path_factory, tmp_path_factory.mktemp("mlruns")))
-        yield tracking.get_client()
+        yield mlflow_store.get_client()
 
 
 def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
@@ -38,13 +38,13 @@ def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 def test_tracking_uri_defaults_to_sqlite_in_the_repo_and_follows_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
-    assert tracking.artifact_location(tracking.tracking_uri()) == (REPO / "mlruns" / "artifacts").as_uri()
+    assert mlflow_store.tracking_uri() == f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
+    assert mlflow_store.artifact_location(mlflow_store.tracking_uri()) == (REPO / "mlruns" / "artifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
-    assert tracking.tracking_uri() == "http://tracking:5000"
-    assert tracking.artifact_location("http://tracking:5000") is None  # the server decides
+    assert mlflow_store.tracking_uri() == "http://tracking:5000"
+    assert mlflow_store.artifact_location("http://tracking:5000") is None  # the server decides
     cfg = load_config(None, [f"tracking.uri={tmp_path}"])  # a folder: sqlite inside, not the file store
-    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert mlflow_store.tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_retry_waits_out_a_locked_database():
@@ -60,9 +60,9 @@ def test_retry_waits_out_a_locked_database():
         calls.append(1)
         raise ValueError("not a lock")
 
-    assert tracking.retry(flaky) == "ok" and len(calls) == 3
+    assert mlflow_store.retry(flaky) == "ok" and len(calls) == 3
     with pytest.raises(ValueError):
-        tracking.retry(broken)
+        mlflow_store.retry(broken)
     assert len(calls) == 4  # other errors are not retried
 
 
@@ -95,18 +95,18 @@ def test_fix_stale_runs_fails_the_run_of_a_killed_process(client):
     orphan = proc.stdout.readline().strip()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    exp = tracking.experiment_id(client, "stale")
+    exp = mlflow_store.experiment_id(client, "stale")
     alive = client.create_run(exp, tags={"pid": str(os.getpid()), "hostname": socket.gethostname()}).info.run_id
     elsewhere = client.create_run(exp, start_time=int((time.time() - 3600) * 1000),
                                   tags={"pid": "1", "hostname": "another-host"}).info.run_id
     assert client.get_run(orphan).info.status == "RUNNING"
 
-    fixed = tracking.fix_stale_runs()
+    fixed = mlflow_store.fix_stale_runs()
     assert orphan in fixed and alive not in fixed and elsewhere not in fixed
     run = client.get_run(orphan)
     assert run.info.status == "FAILED" and "gone" in run.data.tags["error"]
     assert client.get_run(alive).info.status == "RUNNING"
-    assert tracking.fix_stale_runs(older_than_s=600) == [elsewhere]  # silent for an hour
+    assert mlflow_store.fix_stale_runs(older_than_s=600) == [elsewhere]  # silent for an hour
     client.set_terminated(alive)
 
 
@@ -119,19 +119,19 @@ def test_callback_logs_steps_evaluations_warnings_and_the_checkpoint(client, tmp
         for it in (10, 20, 30):
             cb.on_log(it, {"loss": 1.0 / it, "alpha": -3.0 + it / 10})
         cb.on_eval(20, {"image_auroc": 0.75, "pixel_auroc": float("nan")})
-        cb.on_warning("training may be diverging: the loss rose over iterations 10..30")
+        cb.on_warning("training may be diverging: the loss rose over iterations 10..30", LOSS_RISING)
         cb.on_checkpoint(30, tmp_path / "last.ckpt")
-        cb.on_end(TrainResult(model, tmp_path / "last.ckpt", 30, [], diverged=True))
+        cb.on_end(TrainResult(model, tmp_path / "last.ckpt", 30, [], loss_rising=True))
     history = client.get_metric_history(run.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.05), (30, pytest.approx(1 / 30))]
     assert [m.step for m in client.get_metric_history(run.run_id, "train/alpha")] == [10, 20, 30]
     assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "eval/image_auroc")] == [(20, 0.75)]
     data = client.get_run(run.run_id).data
     assert "eval/pixel_auroc" not in data.metrics  # NaN is left out
-    assert data.tags["diverged"] == "true" and "diverging" in data.tags["warning"]
+    assert data.tags[LOSS_RISING] == "true" and "diverging" in data.tags["warning"]
     assert data.tags["checkpoint"] == str((tmp_path / "last.ckpt").resolve())
     assert "warnings.txt" in artifacts(client, run.run_id)
-    assert tracking.read_run_id(tmp_path) == run.run_id
+    assert mlflow_store.read_run_id(tmp_path) == run.run_id
 
 
 def tiny(root: Path, out: Path, experiment: str) -> list[str]:
@@ -145,7 +145,7 @@ def test_a_config_that_cannot_work_stops_before_any_run_or_file(client, syntheti
 
     cfg = load_config(None, [*tiny(synthetic_root, tmp_path / "run", "cannot"), "train.batch_size=100"])
     with pytest.raises(ConfigError, match="train.batch_size=100 but only"):
-        tracking.run_training(cfg)
+        pipeline.run_training(cfg)
     assert client.get_experiment_by_name("cannot") is None and not (tmp_path / "run").exists()
 
 
@@ -158,8 +158,8 @@ class Interrupt(Callback):
 def test_an_interrupted_training_ends_killed_with_its_last_metrics(client, synthetic_root, tmp_path):
     cfg = load_config(None, [*tiny(synthetic_root, tmp_path / "run", "interrupted"), "train.iters=5"])
     with pytest.raises(KeyboardInterrupt):
-        tracking.run_training(cfg, callbacks=[Interrupt()])
-    run_id = tracking.read_run_id(tmp_path / "run")
+        pipeline.run_training(cfg, callbacks=[Interrupt()])
+    run_id = mlflow_store.read_run_id(tmp_path / "run")
     assert client.get_run(run_id).info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
 
@@ -167,10 +167,10 @@ def test_an_interrupted_training_ends_killed_with_its_last_metrics(client, synth
 @pytest.mark.slow
 def test_training_its_resumption_and_its_evaluation_share_one_run(client, synthetic_root, tmp_path):
     overrides = tiny(synthetic_root, tmp_path / "run", "train")
-    _, evaluation, run_id = tracking.run_training(load_config(None, overrides), evaluate_at_end=False)
+    _, evaluation, run_id = pipeline.run_training(load_config(None, overrides), evaluate_at_end=False)
     assert evaluation is None and client.get_run(run_id).info.status == "FINISHED"
 
-    result, evaluation, resumed = tracking.run_training(load_config(None, [*overrides, "train.iters=3"]), resume=True)
+    result, evaluation, resumed = pipeline.run_training(load_config(None, [*overrides, "train.iters=3"]), resume=True)
     assert resumed == run_id and result.iterations == 3
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.backbone"] == "resnet18"
@@ -184,7 +184,7 @@ def test_training_its_resumption_and_its_evaluation_share_one_run(client, synthe
     # `recontrast evaluate` (main_evaluate) logs without a run id: the run is found through
     # <train.out>/mlflow_run_id, and again through the checkpoint tag when that file is gone.
     assert tracking.log_evaluation(evaluation, result.checkpoint) == run_id
-    (tmp_path / "run" / tracking.RUN_ID_FILE).unlink()
-    assert tracking.find_run(result.checkpoint) == run_id
+    (tmp_path / "run" / mlflow_store.RUN_ID_FILE).unlink()
+    assert mlflow_store.find_run(result.checkpoint) == run_id
     assert client.get_run(run_id).data.tags["evaluated_checkpoint"] == str(result.checkpoint.resolve())
     assert len(client.search_runs([run.info.experiment_id])) == 1

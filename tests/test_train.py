@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from recontrast import pipeline
 from recontrast import train as T
-from recontrast.checkpoint import load_checkpoint, load_model
+from recontrast.checkpoint import load_checkpoint
+from recontrast.model import load_model
 from recontrast.config import Config, ConfigError, apply_overrides
 
 
@@ -46,8 +48,8 @@ class Recorder(T.Callback):
     def on_eval(self, iteration, metrics):
         self.events.append(("eval", iteration, metrics))
 
-    def on_warning(self, message):
-        self.events.append(("warning", message))
+    def on_warning(self, message, kind):
+        self.events.append(("warning", message, kind))
 
     def on_checkpoint(self, iteration, path):
         self.events.append(("checkpoint", iteration))
@@ -118,14 +120,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, datas
             loss, info = super().__call__(pairs, iteration)
             return (loss * float("nan") if iteration == 3 else loss), info
 
-    monkeypatch.setattr(loss_module, "ReContrastLoss", NaNAt3)
+    monkeypatch.setattr(T, "ReContrastLoss", NaNAt3)  # the name train() calls
     rec = Recorder()
-    with pytest.raises(T.TrainingDiverged, match=r"iteration 3.*last\.ckpt.*train\.stable=true"):
+    with pytest.raises(T.TrainingDivergedError, match=r"iteration 3.*last\.ckpt.*train\.stable=true"):
         T.train(tiny_cfg(synthetic_root, tmp_path), [rec], datasets=datasets)
     ckpt = load_checkpoint(tmp_path / "last.ckpt")
     assert ckpt["iteration"] == 2 and len(ckpt["loss_history"]) == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    assert rec.kinds("warning") and "diverged" in rec.kinds("warning")[0][1]
+    assert rec.kinds("warning") and rec.kinds("warning")[0][2] == T.DIVERGED
 
 
 def test_rising_loss_warns_once_and_eval_fn_runs(synthetic_root, datasets, tmp_path, monkeypatch):
@@ -136,7 +138,7 @@ def test_rising_loss_warns_once_and_eval_fn_runs(synthetic_root, datasets, tmp_p
             loss, info = super().__call__(pairs, iteration)
             return loss.detach() * 0 + loss * 1e-3 + 1.0 + 0.5 * iteration, info
 
-    monkeypatch.setattr(loss_module, "ReContrastLoss", Rising)
+    monkeypatch.setattr(T, "ReContrastLoss", Rising)
     cfg = tiny_cfg(synthetic_root, tmp_path, **{
         "train.iters": 8, "train.divergence_window": 4, "loss.warmup_fraction": 0.0,
         "train.checkpoint_every": 0, "train.eval_every": 3})
@@ -148,7 +150,7 @@ def test_rising_loss_warns_once_and_eval_fn_runs(synthetic_root, datasets, tmp_p
 
     with pytest.warns(RuntimeWarning, match="diverging"):
         result = T.train(cfg, [rec], eval_fn=eval_fn, datasets=datasets)
-    assert result.diverged and len(result.warnings) == 1 and len(rec.kinds("warning")) == 1
+    assert result.loss_rising and len(result.warnings) == 1 and len(rec.kinds("warning")) == 1
     assert seen == [(3, False), (6, False), (8, False)] and result.metrics == {"auroc": 0.5}
     assert [e[1] for e in rec.kinds("eval")] == [3, 6, 8] and result.model.training is False
 
@@ -179,9 +181,8 @@ def test_stable_variant_resets_decoder_and_pauses_encoder(synthetic_root, datase
 
 
 def test_batch_larger_than_the_training_set_fails_before_work(synthetic_root, datasets, tmp_path, monkeypatch):
-    from recontrast import model as model_module
 
-    monkeypatch.setattr(model_module, "build_model", lambda cfg: pytest.fail("model was built"))
+    monkeypatch.setattr(T, "build_model", lambda cfg: pytest.fail("model was built"))
     n = len(datasets.train)
     with pytest.raises(ConfigError, match=rf"train.batch_size={n + 1} but only {n} training images in .*lower it"):
         T.train(tiny_cfg(synthetic_root, tmp_path / "run", **{"train.batch_size": n + 1}), datasets=datasets)
@@ -239,7 +240,7 @@ def test_optimizers_follow_the_config(synthetic_root):
 def test_main_train_bf16_prints_the_checkpoint(synthetic_root, tmp_path, capsys):
     cfg = tiny_cfg(synthetic_root, "unused", **{"train.iters": 2, "train.amp": "bf16"})
     overrides = {k: v for k, v in cfg.flatten().items() if k.startswith(("data.", "model.", "train."))}
-    result = T.main_train(None, overrides, out=tmp_path / "cli", track=False)
+    result = pipeline.main_train(None, overrides, out=tmp_path / "cli", track=False)
     assert result.iterations == 2 and all(math.isfinite(v) for v in result.loss_history)
     assert f"checkpoint: {tmp_path / 'cli' / 'last.ckpt'}" in capsys.readouterr().out
     assert load_checkpoint(result.checkpoint)["config"]["train"]["amp"] == "bf16"

@@ -1,0 +1,285 @@
+"""Synthetic defects on normal images: a label-free ("proxy") validation set.
+
+Proxy metrics (image AUROC, pixel AUROC, AUPRO on `ProxyDataset`) let a model judge itself
+without test labels: they compare settings (backbone, iterations, level weights) and catch a
+failed training run (a collapsed model scores synthetic defects no higher than good images).
+
+Limits: synthetic defects are not the user's defects. Foreign textures, pasted patches and
+scars are easier or harder than real scratches or missing parts, so proxy numbers rank models;
+they do not predict the real test AUROC. A model can also learn to spot these artefacts if it
+ever trains on them: keep the proxy images out of training (they come from held-out images).
+
+`synthesize` works on any (3, H, W) image in [0, 1], is deterministic per seed (local RNGs
+only) and returns a mask that is exactly the set of changed pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.data import Dataset
+
+from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
+
+KINDS: tuple[str, ...] = ("texture", "patch", "scar")
+TOL = 2 / 255  # a mask pixel differs from the input by more than this, summed over channels
+AREA = (0.01, 0.06)  # target fraction of pixels for blob and ellipse regions
+MIN_FRACTION = 0.003  # below this the defect is retried with the next sub-seed
+ATTEMPTS = 8
+
+
+def synthesize(image: torch.Tensor, seed: int, kind: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Returns (defective image (3, H, W) in [0, 1], mask (1, H, W) float 0/1, kind).
+
+    `image` is (3, H, W) float in [0, 1] (not normalised); `seed` >= 0. Pixels outside the
+    mask are bit-identical to `image`; every mask pixel differs by more than TOL (summed
+    over channels). `kind` is one of KINDS, or None to draw one from the seed.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if kind is None:
+        kind = KINDS[int(np.random.default_rng((seed, 0)).integers(len(KINDS)))]
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    make = {"texture": _texture_defect, "patch": _patch_defect, "scar": _scar_defect}[kind]
+    device, image = image.device, image.detach().cpu()  # regions and fills are built on the CPU
+    best = None
+    for attempt in range(ATTEMPTS):
+        # A sub-seed per attempt: a texture that happens to match the image is redrawn,
+        # deterministically, rather than returned with an (almost) empty mask.
+        rng = np.random.default_rng((seed, 1 + attempt))
+        candidate, region = make(image, rng)
+        out, mask = _keep_changed(image, candidate, region)
+        if best is None or mask.sum() > best[1].sum():
+            best = out, mask, region
+        if mask.float().mean() >= MIN_FRACTION:
+            break
+    out, mask, region = best
+    if not mask.any():
+        # Last resort for pathological images: shift every region pixel by half the range,
+        # which always changes it by 0.5 per channel.
+        out, mask = _keep_changed(image, (image + 0.5) % 1.0, region)
+    return out.to(device), mask.to(device, image.dtype), kind
+
+
+def _keep_changed(image, candidate, region) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (image with candidate pixels where they changed inside region, bool (1, H, W) mask)."""
+    candidate = candidate.clamp(0, 1)
+    changed = (candidate - image).abs().sum(0, keepdim=True) > TOL
+    mask = changed & region
+    return torch.where(mask, candidate, image), mask
+
+
+# ---------------------------------------------------------------- the three kinds
+
+
+def _texture_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region): a foreign texture blended into an irregular blob (DRAEM-like)."""
+    _, h, w = image.shape
+    region = _blob(rng, h, w, _area(rng))
+    beta = rng.uniform(0.3, 1.0)
+    texture = _texture(rng, h, w).to(image)
+    return image * (1 - beta) + texture * beta, region
+
+
+def _patch_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region): a recoloured copy of elsewhere in the image (CutPaste-like)."""
+    _, h, w = image.shape
+    area = _area(rng)
+    region = _blob(rng, h, w, area) if rng.random() < 0.5 else _ellipse(rng, h, w, area)
+    return _recolour(rng, _shifted(rng, image), region), region
+
+
+def _scar_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region): a thin long curved band of pasted or solid colour (CutPaste-scar)."""
+    _, h, w = image.shape
+    region = _scar(rng, h, w)
+    if rng.random() < 0.5:
+        return _recolour(rng, _shifted(rng, image), region), region
+    colour = _far_colour(rng, image, region).to(image)
+    return colour.expand_as(image), region
+
+
+# ---------------------------------------------------------------- regions (bool (1, H, W))
+
+
+def _area(rng) -> float:
+    """Returns a target region fraction, log-uniform in AREA (small defects are as common as big)."""
+    return math.exp(rng.uniform(math.log(AREA[0]), math.log(AREA[1])))
+
+
+def _coords(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns pixel-centre (y, x), each (H, W), in units of sqrt(H * W) (shapes stay round)."""
+    s = math.sqrt(h * w)
+    y = (torch.arange(h, dtype=torch.float32) + 0.5) / s
+    x = (torch.arange(w, dtype=torch.float32) + 0.5) / s
+    return torch.meshgrid(y, x, indexing="ij")
+
+
+def _centre(rng, h: int, w: int, margin: float) -> tuple[float, float]:
+    """Returns a random (cy, cx) at least `margin` (of each side) from the borders."""
+    s = math.sqrt(h * w)
+    return rng.uniform(margin, 1 - margin) * h / s, rng.uniform(margin, 1 - margin) * w / s
+
+
+def _rotated(rng, h: int, w: int, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (u, v), each (H, W): coordinates along and across a random angle, about a random centre."""
+    y, x = _coords(h, w)
+    cy, cx = _centre(rng, h, w, margin)
+    a = rng.uniform(0, math.pi)
+    return (x - cx) * math.cos(a) + (y - cy) * math.sin(a), -(x - cx) * math.sin(a) + (y - cy) * math.cos(a)
+
+
+def _smooth_noise(rng, h: int, w: int, cells: int, octaves: int = 3) -> torch.Tensor:
+    """Returns (H, W) fractal noise: random grids upsampled bicubically, amplitude halved per octave."""
+    total = torch.zeros(1, 1, h, w)
+    for o in range(octaves):
+        n = min(cells * 2 ** o, max(h, w))  # a grid finer than the image adds nothing
+        grid = torch.from_numpy(rng.standard_normal((1, 1, n + 1, n + 1)).astype(np.float32))
+        total += 0.5 ** o * F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)
+    return total[0, 0]
+
+
+def _top(field: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Returns bool (1, H, W): the `fraction` of pixels with the highest field (exact count, no ties)."""
+    flat = field.flatten()
+    k = max(1, round(fraction * flat.numel()))
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+    return (field >= threshold)[None]
+
+
+def _blob(rng, h: int, w: int, fraction: float) -> torch.Tensor:
+    """Returns an irregular blob covering `fraction`: Perlin-like noise plus a bump, thresholded.
+
+    Thresholding noise alone (DRAEM) scatters spots over the whole image; the bump at a random
+    centre keeps the defect local while the noise roughens its outline.
+    """
+    y, x = _coords(h, w)
+    cy, cx = _centre(rng, h, w, 0.15)
+    radius2 = fraction / math.pi
+    bump = -((y - cy) ** 2 + (x - cx) ** 2) / radius2
+    noise = _smooth_noise(rng, h, w, cells=int(rng.integers(4, 9)))
+    return _top(bump + rng.uniform(0.7, 1.5) * noise, fraction)
+
+
+def _ellipse(rng, h: int, w: int, fraction: float) -> torch.Tensor:
+    """Returns a rotated ellipse of area `fraction` (less where it leaves the image)."""
+    u, v = _rotated(rng, h, w, 0.2)
+    aspect = rng.uniform(1, 3)
+    b = math.sqrt(fraction / (math.pi * aspect))  # semi-axes a = aspect * b, area pi a b
+    return ((u / (aspect * b)) ** 2 + (v / b) ** 2 <= 1)[None]
+
+
+def _scar(rng, h: int, w: int) -> torch.Tensor:
+    """Returns a thin band, slightly curved: length 15-30 % of the side, width 2-6 %, area >= 0.6 %."""
+    u, v = _rotated(rng, h, w, 0.2)
+    length = rng.uniform(0.15, 0.30)
+    width = rng.uniform(max(0.02, 0.006 / length), 0.06)  # thin scars are long ones
+    bend = rng.uniform(-0.3, 0.3) * length  # sagitta of the curve
+    v = v - bend * (2 * u / length) ** 2
+    return ((u.abs() <= length / 2) & (v.abs() <= width / 2))[None]
+
+
+# ---------------------------------------------------------------- fills
+
+
+def _texture(rng, h: int, w: int) -> torch.Tensor:
+    """Returns a (3, H, W) foreign texture in [0, 1]: coloured noise, stripes, checker or blobs."""
+    style = int(rng.integers(4))
+    if style == 0:
+        noise = torch.stack([_smooth_noise(rng, h, w, cells=int(rng.integers(8, 24))) for _ in range(3)])
+        return torch.sigmoid(2 * noise)
+    colours = torch.from_numpy(rng.uniform(0, 1, (2, 3, 1, 1)).astype(np.float32))
+    u, v = _rotated(rng, h, w, 0.0)
+    period = rng.uniform(0.02, 0.08)  # of the side: several periods inside a defect
+    if style == 1:
+        t = 0.5 + 0.5 * torch.sin(2 * math.pi * u / period)
+    elif style == 2:
+        t = ((torch.floor(u / period) + torch.floor(v / period)) % 2).float()
+    else:
+        t = (_smooth_noise(rng, h, w, cells=int(rng.integers(12, 32)), octaves=2) > 0).float()
+    return colours[0] * (1 - t) + colours[1] * t
+
+
+def _shifted(rng, image) -> torch.Tensor:
+    """Returns the image rolled by 20-80 % of each side, so region pixels come from elsewhere."""
+    _, h, w = image.shape
+    dy, dx = (round(rng.uniform(0.2, 0.8) * n) for n in (h, w))
+    return torch.roll(image, shifts=(dy, dx), dims=(1, 2))
+
+
+def _far_colour(rng, image, region) -> torch.Tensor:
+    """Returns a (3, 1, 1) colour 0.3-0.7 away (per channel, wrapping) from the region's mean colour."""
+    pixels = rearrange(image, "c h w -> (h w) c")[region.flatten()]
+    # numpy's pairwise sum: the same bits whatever torch's thread count
+    mean = pixels.double().numpy().mean(axis=0) if len(pixels) else np.full(3, 0.5)
+    colour = (mean + rng.uniform(0.3, 0.7, 3)) % 1.0
+    return torch.from_numpy(colour.astype(np.float32)).view(3, 1, 1)
+
+
+def _recolour(rng, source, region) -> torch.Tensor:
+    """Returns `source` pulled 15-45 % towards a far colour: even a flat image changes by >= 0.045."""
+    a = rng.uniform(0.15, 0.45)
+    return source * (1 - a) + _far_colour(rng, source, region).to(source) * a
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def item_seed(seed: int, index: int) -> int:
+    """Returns the synthesis seed of item `index` (hash-free: the same in every process)."""
+    return int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
+
+
+class ProxyDataset(Dataset):
+    """Returns base items as good (first half) then the same images with synthetic defects.
+
+    `base` items follow `recontrast.data` ({"image": ImageNet-normalised (3, S, S), "mask",
+    "label", "defect_type", "path"}); use held-out normal images (`Datasets.val`).
+    """
+
+    def __init__(self, base, seed: int = 0):
+        self.base, self.seed = base, seed
+        self.has_masks = True
+        self.category = getattr(base, "category", None)
+        self.skipped: list = []
+        self._cache: dict[int, dict] = {}  # the base is small; evaluation repeats every few steps
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return 2 * len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.base)
+        if not -2 * n <= index < 2 * n:
+            raise IndexError(f"index {index} out of range for {2 * n} items")
+        index %= 2 * n
+        if index < n:
+            item = self.base[index]
+            return {**item, "mask": torch.zeros_like(item["mask"]), "label": 0, "defect_type": "good"}
+        i = index - n
+        if i not in self._cache:
+            self._cache[i] = self._synthetic(i)
+        item = self._cache[i]
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in item.items()}  # callers may edit
+
+    def _synthetic(self, i: int) -> dict:
+        """Returns base item i with a synthetic defect (label 1, its mask, "synthetic_<kind>")."""
+        item = self.base[i]
+        normalised = item["image"]
+        image = (normalised * self._std + self._mean).clamp(0, 1)
+        # Kinds in turn, not drawn: a few dozen images still get each kind about equally often.
+        kind = KINDS[(self.seed + i) % len(KINDS)]
+        defective, mask, kind = synthesize(image, item_seed(self.seed, i), kind)
+        # Outside the mask keep the base tensor itself: no float round-trip error there.
+        renormalised = (defective - self._mean) / self._std
+        out = torch.where(mask.bool(), renormalised, normalised)
+        return {"image": out, "mask": mask.to(item["mask"].dtype), "label": 1,
+                "defect_type": f"synthetic_{kind}", "path": f"{item['path']}#synthetic_{kind}"}

@@ -1,0 +1,222 @@
+"""The MLflow store: where runs live (sqlite by default, a server when configured) and how
+runs are found again (run-id files next to checkpoints, stale RUNNING runs repaired).
+
+Everything goes through `MlflowClient` with explicit run ids, never MLflow's global "active
+run". Parallel jobs share one sqlite file: writes are retried while it is locked.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from recontrast.config import Config
+from recontrast.runtime import process_alive, project_root
+
+DEFAULT_DB = Path("mlruns") / "mlflow.db"
+RUN_ID_FILE = "mlflow_run_id"  # written next to the checkpoint: notebook 03 / `evaluate` find the run
+
+
+# ----------------------------------------------------------------------------- the store
+def tracking_uri(cfg: Config | None = None, uri: str | None = None) -> str:
+    """Returns the store URI: `uri` > cfg.tracking.uri > $MLFLOW_TRACKING_URI > local sqlite.
+
+    Relative sqlite paths and plain folders resolve against the project root (notebooks run
+    from notebooks/), and a folder becomes `<folder>/mlflow.db`: the file store is deprecated.
+    """
+    uri = uri or (cfg.tracking.uri if cfg is not None else "") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{project_root() / DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{project_root() / uri[len('sqlite:///'):]}"
+    if "://" not in uri:  # a plain path
+        path = project_root() / uri
+        return f"sqlite:///{path if path.suffix == '.db' else path / 'mlflow.db'}"
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Returns where new experiments keep artifacts: next to a sqlite file, the server's choice
+    for a tracking server, <repo>/mlruns/artifacts for another database; $RECONTRAST_ARTIFACT_ROOT wins."""
+    if os.environ.get("RECONTRAST_ARTIFACT_ROOT"):
+        return Path(os.environ["RECONTRAST_ARTIFACT_ROOT"]).resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    if uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        return None
+    return (project_root() / "mlruns" / "artifacts").as_uri()
+
+
+def retry(fn: Callable, *args, attempts: int = 8, **kwargs):
+    """Returns fn(*args, **kwargs), retried with jittered backoff while sqlite says "locked"."""
+    for k in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
+            if k == attempts - 1 or "locked" not in str(err).lower():
+                raise
+            time.sleep(min(0.2 * 2**k, 5.0) * (0.5 + random.random()))
+
+
+_CLIENTS: dict[str, Any] = {}
+
+
+def get_client(cfg: Config | None = None, uri: str | None = None):
+    """Returns a (cached) MlflowClient for tracking_uri(cfg, uri)."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg, uri)
+    if uri not in _CLIENTS:
+        if uri.startswith("sqlite:///"):
+            with _store_lock(Path(uri[len("sqlite:///"):])):
+                _CLIENTS[uri] = retry(MlflowClient, tracking_uri=uri)  # creates or migrates the tables
+        else:
+            _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+    return _CLIENTS[uri]
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """Holds an exclusive lock on <db>.lock: processes that open a new store together (a shell
+    loop of `recontrast train`) would otherwise race MLflow's table migrations."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; `recontrast batch` creates the store before its jobs
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def experiment_id(client, name: str) -> str:
+    """Returns the id of experiment `name`, created (with our artifact location) or restored."""
+    from mlflow.exceptions import MlflowException
+
+    exp = retry(client.get_experiment_by_name, name)
+    if exp is None:
+        try:
+            location = artifact_location(client.tracking_uri)
+            return retry(client.create_experiment, name, artifact_location=location)
+        except MlflowException as err:  # another job created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise err
+    if exp.lifecycle_stage == "deleted":
+        retry(client.restore_experiment, exp.experiment_id)
+    return exp.experiment_id
+
+
+
+def fix_stale_runs(older_than_s: float = 0.0, uri: str | None = None) -> list[str]:
+    """Returns the ids of RUNNING runs it marked FAILED: their process is gone from this host
+    (SIGKILL, OOM, power loss), or, with older_than_s > 0, they were silent that long."""
+    from mlflow.entities import ViewType
+
+    client = get_client(uri=uri)
+    host, now, fixed = socket.gethostname(), time.time() * 1000, []
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    for i in range(0, len(experiments), 100):
+        token = None
+        while True:
+            page = client.search_runs(experiments[i : i + 100], "attributes.status = 'RUNNING'",
+                                      max_results=1000, page_token=token)
+            for r in page:
+                tags, reason = r.data.tags, None
+                pid = tags.get("pid", "")
+                local = tags.get("hostname") == host and pid.isdigit()
+                if local and not process_alive(int(pid), tags.get("process_start", "")):
+                    reason = f"its process {pid} on {host} is gone (killed?)"
+                elif older_than_s > 0:
+                    silent = (now - _last_activity(client, r)) / 1000
+                    if silent > older_than_s:
+                        reason = f"it was silent for {silent:.0f} s (> {older_than_s:.0f} s)"
+                if reason:
+                    retry(client.set_tag, r.info.run_id, "error",
+                          f"marked FAILED by `recontrast runs --fix-stale`: {reason}")
+                    retry(client.set_tag, r.info.run_id, "error_type", "StaleRun")
+                    retry(client.set_terminated, r.info.run_id, "FAILED", end_time=int(_last_activity(client, r)))
+                    fixed.append(r.info.run_id)
+            token = page.token
+            if not token:
+                break
+    return fixed
+
+
+def _last_activity(client, run) -> float:
+    """Returns the time (ms) of the run's start or last heartbeat metric, whichever is later."""
+    key = "system/heartbeat"
+    beats = client.get_metric_history(run.info.run_id, key) if key in run.data.metrics else []
+    return max([run.info.start_time or 0] + [m.timestamp for m in beats])
+
+
+def write_run_id(folder: str | Path, run_id: str) -> Path:
+    """Returns <folder>/mlflow_run_id after writing `run_id` there."""
+    path = Path(folder) / RUN_ID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return path
+
+
+def read_run_id(folder: str | Path) -> str | None:
+    """Returns the run id stored in <folder>/mlflow_run_id, or None."""
+    path = Path(folder) / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def run_exists(client, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:
+        return False
+
+
+def checkpoint_of(run_id: str, uri: str | None = None) -> Path:
+    """Returns the checkpoint a run trained: its 'checkpoint' tag when that file exists here,
+    else the run's logged checkpoint artifact, downloaded."""
+    client = get_client(uri=uri)
+    run = client.get_run(run_id)
+    tagged = run.data.tags.get("checkpoint") or run.data.tags.get("evaluated_checkpoint")
+    if tagged and Path(tagged).is_file():
+        return Path(tagged)
+    try:
+        local = client.download_artifacts(run_id, "checkpoint")
+    except Exception as err:
+        raise FileNotFoundError(
+            f"run {run_id} names no checkpoint on this machine ({tagged or 'no checkpoint tag'}) and "
+            f"has no 'checkpoint' artifact ({err}); pass checkpoint=<path> instead") from None
+    found = sorted(Path(local).glob("*.ckpt"))
+    if not found:
+        raise FileNotFoundError(f"run {run_id}'s 'checkpoint' artifact holds no .ckpt file")
+    return found[0]
+
+
+def find_run(checkpoint: str | Path, uri: str | None = None) -> str | None:
+    """Returns the id of the run that trained `checkpoint` (mlflow_run_id file next to it,
+    else a run tagged with its path), or None."""
+    checkpoint = Path(checkpoint).resolve()
+    client = get_client(uri=uri)
+    stored = read_run_id(checkpoint.parent)
+    if stored and run_exists(client, stored):
+        return stored
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    path = str(checkpoint).replace("'", "\\'")
+    for i in range(0, len(experiments), 100):
+        runs = client.search_runs(experiments[i : i + 100], f"tags.checkpoint = '{path}'",
+                                  max_results=1, order_by=["attributes.start_time DESC"])
+        if runs:
+            return runs[0].info.run_id
+    return None
+

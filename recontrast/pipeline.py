@@ -1,0 +1,251 @@
+"""The one place that ties training, evaluation, calibration, reports and MLflow together.
+
+- `run_training(cfg)`: trains, evaluates the final model, stores its calibration, logs all of
+  it to one MLflow run (`recontrast train` and notebook 02);
+- `run_evaluation(checkpoint)`: evaluates a checkpoint, stores its calibration, logs it to the
+  run that trained it (`recontrast evaluate` and notebook 03);
+- `evaluate_and_store(...)`: the one calibrate-and-store step both use.
+Modules below this one never call MLflow or write reports on their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from recontrast import plots, tracking
+from recontrast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from recontrast.config import Config, apply_overrides, load_config, validate
+from recontrast.data import Datasets, build_datasets
+from recontrast.defects import ProxyDataset
+from recontrast.evaluate import EvalResult, evaluate, make_eval_fn, proxy_metrics
+from recontrast.health import NOT_CONVERGED, Health, assess
+from recontrast.mlflow_store import get_client, read_run_id, run_exists, write_run_id
+from recontrast.model import load_model
+from recontrast.report import write_outputs
+from recontrast.runtime import pick_device
+from recontrast.train import Callback, TrainResult, train, warmup_iters
+
+log = logging.getLogger(__name__)
+
+
+def proxy_dataset(cfg: Config, datasets: Datasets) -> ProxyDataset | None:
+    """Returns the held-out good images plus their synthetic-defect copies, or None when
+    there are no held-out images (data.val_fraction=0) or eval.proxy is off."""
+    if not cfg.eval.proxy or datasets.val is None or len(datasets.val) == 0:
+        return None
+    return ProxyDataset(datasets.val, seed=cfg.eval.proxy_seed)
+
+
+def evaluate_and_store(model, cfg: Config, datasets: Datasets, checkpoint: Path, out_dir: Path,
+                       iteration: int, store: bool = True, loss_history: list[float] | None = None) -> EvalResult:
+    """Returns the EvalResult of `model` on datasets.test, plus its proxy/* metrics, with its
+    reports written to `out_dir` and (with `store`) its calibration saved into `checkpoint`.
+    With the run's `loss_history`, a failed training is noted in the reports (health.assess)."""
+    device = pick_device(cfg.train.device)
+    result = evaluate(model, datasets.test, cfg.eval, device, datasets.val, keep_samples=True)
+    proxy = proxy_dataset(cfg, datasets)
+    if proxy is not None:
+        result.metrics.update(proxy_metrics(model, proxy, cfg.eval, device))
+    if loss_history is not None:
+        health = assess(loss_history, warmup_iters(cfg), result.metrics)
+        if health.status == NOT_CONVERGED:
+            result.notes.append(health.message)
+    result.calibration.update(category=cfg.data.category, data_root=str(cfg.data.root),
+                              iteration=int(iteration))
+    write_outputs(result, cfg.eval, out_dir, getattr(datasets.test, "category", None) or cfg.data.category)
+    if store:
+        ckpt = load_checkpoint(checkpoint)
+        ckpt["calibration"] = result.calibration
+        save_checkpoint(checkpoint, ckpt)
+    return result
+
+
+# ----------------------------------------------------------------------------- training
+def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate_at_end: bool = True,
+                 callbacks: Sequence[Callback] = (), datasets: Datasets | None = None,
+                 run_name: str | None = None, parent_run_id: str | None = None,
+                 tags: dict[str, Any] | None = None, log_checkpoint: bool | None = None):
+    """Returns (TrainResult, EvalResult or None, run id or None): trains cfg, evaluates the
+    final model with figures, and logs both (config, metrics, checkpoint, figures) to one run.
+
+    With resume=True the run recorded in <train.out>/mlflow_run_id is reopened. The
+    checkpoint is logged when evaluated here (log_checkpoint=None), so the logged copy holds
+    its calibration; without evaluation, notebook 03 / log_evaluation(log_checkpoint=True) logs it.
+    """
+    # A dataset, batch size or backbone that cannot work stops here or in train()'s checks,
+    # before any run or file exists; what fails later is recorded in the run (FAILED/KILLED).
+    data = datasets if datasets is not None else build_datasets(cfg.data)
+    proxy = proxy_dataset(cfg, data)
+    # Test metrics during training only when asked (eval_every); proxy metrics always, at
+    # eval_every and at the end: what train.select=proxy and the health check read.
+    test = data.test if cfg.train.eval_every > 0 else None
+    eval_fn = make_eval_fn(test, cfg.eval, data.val, proxy) if test is not None or proxy is not None else None
+    out = Path(cfg.train.out)
+
+    def finish(result: TrainResult, run: tracking.Run | None) -> EvalResult | None:
+        check_health(cfg, result, run)
+        if not evaluate_at_end:
+            return None
+        return evaluate_and_store(result.model, cfg, data, result.checkpoint, out / "eval",
+                                  result.selected_iteration or result.iterations, loss_history=result.loss_history)
+
+    if not (track and cfg.tracking.enabled):
+        result = train(cfg, callbacks=callbacks, resume=resume, eval_fn=eval_fn, datasets=data)
+        return result, finish(result, None), None
+
+    previous = read_run_id(out) if resume else None
+    if previous is not None and not run_exists(get_client(cfg), previous):
+        previous = None
+    with contextlib.ExitStack() as stack:
+        def open_run() -> tracking.Run:
+            run = stack.enter_context(tracking.start_run(cfg, run_name=run_name, run_id=previous,
+                                                         parent_run_id=parent_run_id, tags=tags))
+            try:
+                write_run_id(out, run.run_id)
+            except OSError as err:
+                raise CheckpointError(f"cannot write to the run folder {out} ({type(err).__name__}: {err}); "
+                                      f"train.out must be a writable folder, not a file") from None
+            run.log_text(cfg.to_yaml(), "config.yaml")
+            _log_data(run, data)
+            return run
+
+        callback = tracking.MLflowCallback(open_run)
+        try:
+            result = train(cfg, callbacks=[callback, *callbacks], resume=resume, eval_fn=eval_fn, datasets=data)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                callback.flush()  # the last metrics before the crash
+            raise
+        run = callback.run
+        _log_loss_curve(run, result, out)
+        evaluation = finish(result, run)
+        if evaluation is not None:
+            tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, step=result.iterations)
+        if evaluate_at_end if log_checkpoint is None else log_checkpoint:
+            run.log_artifact(result.checkpoint, "checkpoint")  # after evaluation: calibrated
+    return result, evaluation, run.run_id
+
+
+def check_health(cfg: Config, result: TrainResult, run: tracking.Run | None) -> Health:
+    """Returns the run's Health; a failed one is said in the log, as a warning (the notebook
+    shows result.warnings), and as MLflow tags health / health_reason."""
+    health = assess(result.loss_history, warmup_iters(cfg), result.metrics)
+    result.health = health
+    if health.status == NOT_CONVERGED:
+        result.warnings.append(health.message)
+        log.warning(health.message)
+        warnings.warn(health.message, RuntimeWarning, stacklevel=3)
+    if run is not None:
+        run.set_tags({"health": health.status, "health_reason": "; ".join(health.reasons)[:5000] or "-"})
+    return health
+
+
+def _log_data(run: tracking.Run, data: Datasets) -> None:
+    """Logs the image counts and the files skipped as unreadable (data.skip_bad_images)."""
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    skipped = [entry for d in splits.values() if d is not None for entry in getattr(d, "skipped", [])]
+    run.log_metrics({f"data/{name}_images": len(d) for name, d in splits.items() if d is not None}
+                    | {"data/skipped_images": len(skipped)})
+    if skipped:
+        run.log_text("".join(f"{path}\t{reason}\n" for path, reason in skipped), "skipped_images.txt")
+
+
+def _log_loss_curve(run: tracking.Run, result: TrainResult, out: Path) -> None:
+    try:  # a figure is never worth failing the run
+        plots.loss_curve(result.loss_history, out / "loss_curve.png")
+        run.log_artifact(out / "loss_curve.png", "figures")
+    except Exception as err:
+        log.warning("no loss curve artifact: %s", err)
+
+
+def main_train(
+    config_path: str | Path | None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    track: bool = True,
+    callbacks: Sequence[Callback] = (),
+    evaluate: bool = False,
+) -> TrainResult:
+    """Returns the TrainResult of `recontrast train --config ... --set ... --out ...`.
+
+    Logs to MLflow when `track` and tracking.enabled. With `evaluate`, the final model is
+    evaluated too (figures, calibration) and its metrics printed; otherwise that is
+    `recontrast evaluate --checkpoint <out>/last.ckpt`.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(config_path, overrides)
+    if out is not None:
+        cfg.train.out = str(out)
+    result, evaluation, run_id = run_training(cfg, resume=resume, track=track, evaluate_at_end=evaluate,
+                                              callbacks=callbacks)
+    if evaluation is not None:
+        print(evaluation.table())
+        print(f"figures and metrics: {evaluation.out_dir}")
+    note = "; the loss trend rose, see the warning above" if result.loss_rising else ""
+    run = f"; MLflow run {run_id}" if run_id else ""
+    chosen = (f", weights of iteration {result.selected_iteration} (train.select=proxy)"
+              if result.selected_iteration is not None else "")
+    print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations{chosen}{run}{note})")
+    if result.health is not None and result.health.status == NOT_CONVERGED:
+        print(f"WARNING: {result.health.message}")
+    return result
+
+
+# ----------------------------------------------------------------------------- evaluation
+def run_evaluation(
+    checkpoint: str | Path,
+    data_root: str | None = None,
+    category: str | None = None,
+    out: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    track: bool = True,
+) -> EvalResult:
+    """Returns the EvalResult of `recontrast evaluate`; stores the calibration in the checkpoint.
+
+    The test (and held-out val) datasets are rebuilt from the checkpoint's config, with
+    data.root / data.category replaced when given. Calibration is written back (atomically)
+    only when the category is the one the model was trained on.
+    """
+    checkpoint = Path(checkpoint)
+    model, cfg, ckpt = load_model(checkpoint, "cpu")
+    trained_category = cfg.data.category
+    apply_overrides(cfg, overrides)
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    if category is not None:
+        cfg.data.category = category
+    validate(cfg)
+    model.to(pick_device(cfg.train.device)).eval()
+    datasets = build_datasets(cfg.data)
+    out = Path(out) if out is not None else checkpoint.parent / f"eval_{cfg.data.category}"
+    same = cfg.data.category == trained_category
+    result = evaluate_and_store(model, cfg, datasets, checkpoint, out, int(ckpt.get("iteration", 0)), store=same,
+                                loss_history=list(ckpt.get("loss_history", [])))
+    stored = (f"calibration stored in {checkpoint}" if same else
+              f"calibration NOT stored: the model was trained on '{trained_category}', "
+              f"evaluated on '{cfg.data.category}'")
+
+    cal = result.calibration
+    print(f"{cfg.data.category}: {len(result.records)} test images, iteration {cal['iteration']}")
+    print(result.table())
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    print(f"thresholds (raw score): f1={fmt(cal['threshold_f1'])} "
+          f"normal={fmt(cal['threshold_normal'])} (q={cal['quantile']} of {cal['n_normal']} "
+          f"{cal['normal_source']} images); {stored}")
+    print(f"outputs in {out}")
+    sys.stdout.flush()
+
+    if track and cfg.tracking.enabled:
+        try:  # the outputs are written: tracking is best effort here
+            tracking.log_evaluation(result, checkpoint)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"could not log the evaluation to MLflow: {type(err).__name__}: {err}",
+                          RuntimeWarning, stacklevel=2)
+    return result
+

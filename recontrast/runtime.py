@@ -1,0 +1,71 @@
+"""Runtime helpers every layer may use: the torch device, seeding, the project root, processes.
+
+Nothing here knows about models, data or MLflow; `config` is the only package import.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from recontrast.config import ConfigError
+
+
+def pick_device(name: str) -> torch.device:
+    """Returns the torch device for train.device ('auto' = cuda > mps > cpu)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python's random, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def project_root() -> Path:
+    """Returns the repository root when recontrast runs from a checkout, else the cwd."""
+    repo = Path(__file__).resolve().parents[1]
+    return repo if (repo / "pyproject.toml").is_file() else Path.cwd()
+
+
+def process_start(pid: int) -> str:
+    """Returns the process's start time as a string (psutil's create_time), or '' if it is gone."""
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
+def process_identity() -> dict[str, str]:
+    """Returns this process's pid, host and start time: what a stale-run check compares."""
+    return {"pid": str(os.getpid()), "hostname": socket.gethostname(), "process_start": process_start(os.getpid())}
+
+
+def process_alive(pid: int, start: str = "") -> bool:
+    """Returns True if process `pid` runs on this host, is no zombie, and (if given) started at `start`.
+
+    The start time tells a reused pid from the original process.
+    """
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not start or process_start(pid) == start
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # another user's process: alive

@@ -1,0 +1,161 @@
+"""Studies: a config plus variants, expanded into one job per (variant, category).
+
+A study file is a config (experiments/*.yaml) plus a `study:` block:
+
+    study:
+      name: ablation_da_sg
+      categories: [weave, disc]          # what `--categories all` means
+      variants:                          # name -> dotted overrides (a mapping or "k=v" strings)
+        full: {}
+        no_da: {model.domain_adaptation: false}
+
+Each pair gets a folder experiments/runs/<study>/<variant>/<category>/; `recontrast.batch`
+executes the jobs, `recontrast.study_results` reads their runs back.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from recontrast.config import Config, ConfigError, load_config
+from recontrast.mlflow_store import tracking_uri
+from recontrast.runtime import project_root
+
+log = logging.getLogger(__name__)
+
+# Config switches an ablation may flip; notebook 04 compares the ones that vary in a study.
+SWITCHES = ("model.domain_adaptation", "loss.stop_grad", "model.contrast", "loss.hard_mining",
+            "loss.kind", "model.encoder_bn", "train.stable", "loss.factor")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    categories: list[str]
+    variants: dict[str, list[str]]  # name -> ["key=value", ...]
+
+
+@dataclass
+class Job:
+    """One (variant, category) pair: what the notebooks get and where their outputs go."""
+
+    study: str
+    variant: str
+    category: str
+    config: str
+    overrides: list[str]
+    folder: str
+    fingerprint: str
+    uri: str = ""  # the MLflow store the notebooks log to
+    track: bool = True
+    parent_run_id: str | None = None
+    resume: bool = False
+
+
+def load_study(path: str | Path) -> Study:
+    """Returns the `study:` block of a study file; raises ConfigError naming what is missing."""
+    path = Path(path)
+    load_config(path)  # the base config must be valid on its own
+    block = (yaml.safe_load(path.read_text()) or {}).get("study")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path} has no 'study:' block (name, categories, variants); "
+                          f"see experiments/ablation_da_sg.yaml")
+    variants = block.get("variants") or {"full": {}}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{path}: study.variants must map a name to overrides, got {variants!r}")
+    return Study(name=str(block.get("name") or path.stem), path=path.resolve(),
+                 categories=[str(c) for c in block.get("categories") or []],
+                 variants={str(k): _as_overrides(v, f"{path}: study.variants.{k}") for k, v in variants.items()})
+
+
+def _as_overrides(value: Any, where: str) -> list[str]:
+    """Returns ["key=value", ...] from a {dotted key: value} mapping or a list of strings."""
+    if not value:
+        return []
+    if isinstance(value, dict):
+        return [f"{k}={v if isinstance(v, str) else _yaml_scalar(v)}" for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
+        return list(value)
+    raise ConfigError(f"{where}: expected {{dotted.key: value}} or ['key=value', ...], got {value!r}")
+
+
+def _yaml_scalar(value: Any) -> str:
+    """Returns `value` as the override parser reads it back (1e-05 -> '1.0e-05', False -> 'false')."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _pick(requested: Sequence[str] | None, available: list[str], what: str) -> list[str]:
+    if not requested or list(requested) == ["all"]:
+        return available
+    unknown = [r for r in requested if r not in available]
+    if unknown and what == "variant":
+        close = difflib.get_close_matches(unknown[0], available, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(available)}"
+        raise ConfigError(f"unknown variant '{unknown[0]}'{hint}")
+    return list(requested)
+
+
+def fingerprint(cfg: Config) -> str:
+    """Returns a short hash of what decides a result (the config minus paths and tracking)."""
+    flat = {k: v for k, v in cfg.flatten().items()
+            if not k.startswith("tracking.") and k not in ("train.out", "train.device", "train.threads")}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def plan(study: Study, categories: Sequence[str] | None = None, variants: Sequence[str] | None = None,
+         overrides: Sequence[str] | None = None, runs_dir: str | Path | None = None) -> list[Job]:
+    """Returns the jobs of a study, each config validated before anything runs."""
+    runs_dir = Path(runs_dir) if runs_dir else project_root() / "experiments" / "runs"
+    data_root = project_root() / load_config(study.path, list(overrides or [])).data.root  # the notebooks' cwd
+    if not data_root.is_dir():
+        raise ConfigError(f"data.root '{data_root}' does not exist: create the synthetic data with "
+                          f"`recontrast synth --out {data_root}`, or pass --set data.root=<your MVTec root>")
+    base_categories = study.categories or sorted(p.name for p in data_root.iterdir() if (p / "train").is_dir())
+    jobs = []
+    for variant in _pick(variants, list(study.variants), "variant"):
+        clash = {o.split("=", 1)[0] for o in overrides or []} & {o.split("=", 1)[0] for o in study.variants[variant]}
+        if clash:
+            log.warning("--set %s overrides what variant '%s' sets", ", ".join(sorted(clash)), variant)
+        for category in _pick(categories, base_categories, "category"):
+            folder = runs_dir / study.name / variant / category
+            ovr = [*study.variants[variant], *(overrides or [])]
+            cfg = load_config(study.path, [*ovr, *_given(study.name, variant, category, folder)])
+            jobs.append(Job(study.name, variant, category, str(study.path), ovr, str(folder), fingerprint(cfg),
+                            tracking_uri(cfg), cfg.tracking.enabled))
+    return jobs
+
+
+def _given(study: str, variant: str, category: str, folder: Path) -> list[str]:
+    """Returns the overrides notebook 02 derives from its category/out/study/variant parameters."""
+    return [f"data.category={category}", f"train.out={folder / 'train'}",
+            f"tracking.study={study}", f"tracking.ablation={variant}"]
+
+
+def study_status(job: Job, force: bool) -> str:
+    """Returns 'done' (a matching done.json), 'resume' (a checkpoint of the same config) or 'run'."""
+    folder = Path(job.folder)
+    if force:
+        return "run"
+    try:
+        done = json.loads((folder / "done.json").read_text())
+        if done.get("fingerprint") == job.fingerprint:
+            return "done"
+        log.info("%s/%s: config changed since it finished; running it again", job.variant, job.category)
+    except (OSError, ValueError):
+        pass
+    try:
+        started = json.loads((folder / "started.json").read_text())
+        if started.get("fingerprint") == job.fingerprint and (folder / "train" / "last.ckpt").is_file():
+            return "resume"
+    except (OSError, ValueError):
+        pass
+    return "run"

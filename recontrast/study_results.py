@@ -1,0 +1,111 @@
+"""Study results: the runs of a study read back from MLflow as tables (notebook 04, the demo).
+
+pandas is imported inside the functions: `recontrast` itself works without it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from recontrast import tracking
+from recontrast.mlflow_store import experiment_id, get_client, retry
+from recontrast.study import METRICS, SWITCHES
+
+def _experiment_ids(client, experiment: str | None) -> list[str]:
+    """Returns the id of `experiment` ([] when it does not exist), or of every active
+    experiment when `experiment` is None or empty."""
+    from mlflow.entities import ViewType
+
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        return [exp.experiment_id] if exp else []
+    return [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
+def study_results(study: str, experiment: str | None = None, uri: str | None = None):
+    """Returns a DataFrame, one row per run of `study` (latest per variant and category):
+    run_id, variant, category, status, the switches in SWITCHES and every metric."""
+    import pandas as pd
+
+    client = get_client(uri=uri)
+    experiments = _experiment_ids(client, experiment)
+    rows, variant_order = [], []
+    for i in range(0, len(experiments), 100):
+        for run in client.search_runs(experiments[i:i + 100], f"tags.study = '{study}'", max_results=5000,
+                                      order_by=["attributes.start_time DESC"]):
+            tags = run.data.tags
+            if tags.get("recontrast_role"):  # the study's parent run or a comparison run
+                variant_order = variant_order or tags.get("variants", "").split(",")
+                continue
+            row = {"run_id": run.info.run_id, "variant": tags.get("ablation", "?"),
+                   "category": tags.get("category", "?"), "status": run.info.status,
+                   "start_time": run.info.start_time}
+            row.update({k: run.data.params.get(k) for k in SWITCHES})
+            row.update(run.data.metrics)
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    finished = frame[frame["status"] == "FINISHED"]
+    # Newest first: keep the latest FINISHED run of each pair, else its latest run.
+    frame = pd.concat([finished, frame]).drop_duplicates(["variant", "category"], keep="first")
+    rank = {v: i for i, v in enumerate(variant_order)}  # the study file's order
+    frame["rank"] = [rank.get(v, len(rank)) for v in frame["variant"]]
+    return frame.sort_values(["rank", "variant", "category"]).drop(columns="rank").reset_index(drop=True)
+
+
+def varying_switches(frame) -> list[str]:
+    """Returns the SWITCHES whose value differs between the runs of `frame`."""
+    return [s for s in SWITCHES if s in frame and frame[s].nunique(dropna=True) > 1]
+
+
+def ablation_table(frame, metric: str = "image_auroc", baseline: str = "full"):
+    """Returns variants x categories of `metric` (plus 'mean'), and a 'delta' column: the
+    variant's mean minus the baseline variant's mean (NaN when there is no baseline)."""
+    import pandas as pd
+
+    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    if finished.empty or metric not in finished:
+        return pd.DataFrame()
+    table = finished.pivot_table(index="variant", columns="category", values=metric, aggfunc="first")
+    table["mean"] = table.mean(axis=1)
+    table["delta"] = table["mean"] - table.loc[baseline, "mean"] if baseline in table.index else float("nan")
+    seen = list(dict.fromkeys(finished["variant"]))  # the frame's order, not alphabetical
+    order = [v for v in [baseline] if v in table.index] + [v for v in seen if v != baseline]
+    return table.loc[order]
+
+
+def ablation_deltas(frame, metrics: Sequence[str] = METRICS, baseline: str = "full"):
+    """Returns a long DataFrame (variant, category, metric, value, delta) where delta is the
+    variant's value minus the baseline variant's on the same category."""
+    import pandas as pd
+
+    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    metrics = [m for m in metrics if m in finished]
+    long = finished.melt(id_vars=["variant", "category"], value_vars=metrics, var_name="metric")
+    base = long[long["variant"] == baseline].set_index(["category", "metric"])["value"]
+    long["delta"] = [v - base.get((c, m), float("nan")) for c, m, v in
+                     zip(long["category"], long["metric"], long["value"])]
+    return pd.DataFrame(long)
+
+
+def log_comparison(study: str, paths: Sequence[str | Path], experiment: str | None = None,
+                   uri: str | None = None) -> str:
+    """Returns the id of the run the comparison files were logged to (under comparison/):
+    the study's parent run, or a new run '<study>-comparison' when there is none."""
+    client = get_client(uri=uri)
+    experiments = _experiment_ids(client, experiment)
+    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
+                               max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
+    if found:
+        run = tracking.Run(found[0].info.run_id, client)
+    else:
+        exp_id = experiment_id(client, experiment or "recontrast")
+        created = retry(client.create_run, exp_id, run_name=f"{study}-comparison",
+                                 tags={"study": study, "recontrast_role": "comparison"})
+        run = tracking.Run(created.info.run_id, client)
+    for path in paths:
+        run.log_artifact(path, "comparison")
+    if not found:
+        run.end("FINISHED")
+    return run.run_id

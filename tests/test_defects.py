@@ -1,0 +1,110 @@
+"""Synthetic defects: the mask is exactly the changed pixels, seeds reproduce, ProxyDataset's contract."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recontrast.defects import KINDS, TOL, ProxyDataset, synthesize
+from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
+
+SEEDS = range(6)
+
+
+def _gradient(size: int = 96, seed: int = 0) -> torch.Tensor:
+    """Returns a (3, size, size) image in [0, 1]: colour gradients plus sensor-like noise."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.1, 0.9, size)
+    image = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                         torch.full((size, size), 0.5)])
+    return (image + 0.05 * torch.randn(3, size, size, generator=g)).clamp(0, 1)
+
+
+IMAGES = {"gradient": _gradient(), "grey": torch.full((3, 96, 96), 0.5),
+          "black": torch.zeros(3, 64, 64)}
+
+
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    return (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+class _Base(torch.utils.data.Dataset):
+    """A tiny stand-in for `Datasets.val`: held-out normal images as normalised items."""
+
+    category = "toy"
+
+    def __init__(self, n: int = 3, size: int = 64):
+        self.images = [_normalise(_gradient(size, seed)) for seed in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i].clone(), "mask": torch.zeros(1, *self.images[i].shape[1:]),
+                "label": 0, "defect_type": "good", "path": f"img{i}.png"}
+
+
+@pytest.mark.parametrize("name", IMAGES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_is_exactly_the_changed_pixels(name, kind):
+    image = IMAGES[name]
+    for seed in SEEDS:
+        out, mask, got = synthesize(image, seed, kind)
+        assert got == kind
+        assert out.shape == image.shape and mask.shape == (1, *image.shape[1:])
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        inside = mask[0].bool()
+        assert torch.equal(out[:, ~inside], image[:, ~inside])  # bit-identical outside
+        assert ((out - image).abs().sum(0)[inside] > TOL).all()
+        assert 0.003 <= mask.mean() < 0.10, (seed, mask.mean())
+        assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_seed_reproduces_and_differs():
+    image = IMAGES["gradient"]
+    for kind in (*KINDS, None):
+        a, b = synthesize(image, 7, kind), synthesize(image, 7, kind)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+        assert not torch.equal(a[1], synthesize(image, 8, kind)[1])
+    drawn = {synthesize(image, s)[2] for s in range(12)}
+    assert drawn == set(KINDS)  # kind=None draws every kind
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        synthesize(IMAGES["grey"], 0, "stain")
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        synthesize(torch.zeros(1, 8, 8), 0)
+
+
+def test_proxy_dataset():
+    base = _Base()
+    n = len(base)
+    proxy = ProxyDataset(base, seed=3)
+    assert len(proxy) == 2 * n
+    assert proxy.has_masks and proxy.category == "toy" and proxy.skipped == []
+    for i in range(n):
+        good, bad = proxy[i], proxy[n + i]
+        assert good["label"] == 0 and good["defect_type"] == "good" and not good["mask"].any()
+        assert torch.equal(good["image"], base[i]["image"])
+        assert bad["label"] == 1 and bad["defect_type"].startswith("synthetic_")
+        assert bad["path"] == f"img{i}.png#{bad['defect_type']}"
+        inside = bad["mask"][0].bool()
+        assert inside.any() and bad["mask"].shape == good["mask"].shape
+        diff = (bad["image"] - base[i]["image"]).abs().sum(0)
+        assert torch.equal(diff[~inside], torch.zeros_like(diff[~inside]))
+        assert (diff[inside] > TOL / max(IMAGENET_STD) - 1e-4).all()  # TOL in [0, 1] units, at least
+    assert {proxy[n + i]["defect_type"] for i in range(n)} == {f"synthetic_{k}" for k in KINDS}  # in turn
+    with pytest.raises(IndexError):
+        proxy[2 * n]
+
+
+def test_proxy_dataset_deterministic_and_cached():
+    a, b = ProxyDataset(_Base(), seed=1), ProxyDataset(_Base(), seed=1)
+    n = len(a.base)
+    first = [a[i] for i in range(n, 2 * n)]
+    first[0]["image"].zero_()  # a caller editing its copy must not reach the cache
+    for i in range(n, 2 * n):
+        again, other = a[i], b[i]
+        assert torch.equal(again["image"], other["image"]) and torch.equal(again["mask"], other["mask"])
+        assert again["defect_type"] == other["defect_type"]
+    assert not torch.equal(ProxyDataset(_Base(), seed=2)[n]["mask"], a[n]["mask"])

@@ -1,0 +1,132 @@
+"""recontrast/pipeline.py: proxy metrics in every evaluation, a failed training flagged in
+every place a user looks, checkpoint selection by proxy metric, image-level test splits."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import one_thread
+from recontrast import pipeline, synthetic
+from recontrast.checkpoint import final_checkpoint, load_checkpoint
+from recontrast.config import Config, apply_overrides
+from recontrast.data import build_datasets
+from recontrast.evaluate import proxy_metrics
+from recontrast.health import NOT_CONVERGED, OK
+from recontrast.model import build_model
+from recontrast.train import Callback
+
+
+def lite_cfg(root, out, **overrides) -> Config:
+    """Offline ImageNet Lite0 at 64 px on synthetic weave: 30 iterations learn visibly."""
+    base = {
+        "data.root": str(root), "data.category": "weave", "data.image_size": 64, "data.val_fraction": 0.25,
+        "model.backbone": "tf_efficientnet_lite0", "model.pretrained": "offline", "model.width_mult": 1.0,
+        "train.iters": 30, "train.batch_size": 4, "train.threads": 1, "train.checkpoint_every": 0,
+        "train.log_every": 5, "train.out": str(out), "tracking.enabled": False,
+        "eval.figures": False, "eval.gif": False,
+    }
+    return apply_overrides(Config(), {**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def weave(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("weave"), size=64, n_train=24, n_test_good=6,
+                              n_test_defect=3, seed=0, categories=["weave"])
+
+
+@pytest.fixture(scope="module")
+def healthy(weave, tmp_path_factory):
+    with one_thread():
+        return pipeline.run_training(lite_cfg(weave, tmp_path_factory.mktemp("healthy")))
+
+
+def test_every_evaluation_reports_proxy_metrics_without_test_labels(healthy):
+    result, evaluation, _ = healthy
+    proxy = {k: v for k, v in evaluation.metrics.items() if k.startswith("proxy/")}
+    assert set(proxy) == {"proxy/image_auroc", "proxy/pixel_auroc", "proxy/aupro", "proxy/score"}
+    written = json.loads((evaluation.out_dir / "metrics.json").read_text())
+    assert written["proxy/aupro"] == pytest.approx(proxy["proxy/aupro"])
+    assert "proxy/score" in result.metrics  # the end-of-training evaluation the health check reads
+    assert result.health.status == OK and not result.warnings
+
+
+def test_a_trained_model_scores_higher_proxy_metrics_than_an_untrained_one(healthy, weave, tmp_path):
+    result, _, _ = healthy
+    cfg = lite_cfg(weave, tmp_path)
+    torch.manual_seed(0)
+    untrained = build_model(cfg)
+    proxy = pipeline.proxy_dataset(cfg, build_datasets(cfg.data))
+    before = proxy_metrics(untrained, proxy, cfg.eval)
+    after = proxy_metrics(result.model, proxy, cfg.eval)
+    assert after["proxy/image_auroc"] > before["proxy/image_auroc"] + 0.2
+    assert after["proxy/aupro"] > before["proxy/aupro"] + 0.3
+
+
+def test_a_failed_training_is_flagged_in_console_results_reports_and_mlflow(weave, tmp_path, store, capsys):
+    """A learning rate of 1.0: the loss stalls right after the warm-up."""
+    from mlflow import MlflowClient
+
+    overrides = {**lite_cfg(weave, tmp_path / "run").flatten(), "train.lr": 1.0, "tracking.enabled": True,
+                 "tracking.experiment": "health"}
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        result = pipeline.main_train(None, [f"{k}={v}" for k, v in overrides.items() if k != "eval.level_weights"],
+                                     evaluate=True)
+    assert result.health.status == NOT_CONVERGED and "loss did not fall" in result.health.reasons[0]
+    assert any("did not converge" in w for w in result.warnings)  # notebook 02 prints these
+    out = capsys.readouterr().out
+    assert "WARNING: training did not converge" in out and "note: training did not converge" in out
+    notes = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["notes"]
+    assert any("did not converge" in n for n in notes)
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    tags = MlflowClient(store).get_run(run_id).data.tags
+    assert tags["health"] == NOT_CONVERGED and "loss did not fall" in tags["health_reason"]
+
+
+def test_select_proxy_keeps_the_weights_of_the_best_evaluation(weave, tmp_path):
+    seen = {}
+
+    class Evals(Callback):
+        def on_eval(self, iteration, metrics):
+            seen[iteration] = metrics["proxy/score"]
+
+    cfg = lite_cfg(weave, tmp_path, **{"train.iters": 12, "train.eval_every": 4, "train.select": "proxy",
+                                        "train.checkpoint_every": 4})
+    with one_thread():
+        result, evaluation, _ = pipeline.run_training(cfg, callbacks=[Evals()])
+    best = max(seen, key=seen.get)
+    assert result.selected_iteration == best and result.checkpoint == tmp_path / "best.ckpt"
+    assert final_checkpoint(tmp_path) == result.checkpoint
+    stored = load_checkpoint(result.checkpoint)
+    assert stored["iteration"] == best and stored["calibration"]  # evaluated and calibrated
+    assert load_checkpoint(tmp_path / "last.ckpt")["iteration"] == 12  # the resume point stays
+    for k, v in stored["model"].items():
+        torch.testing.assert_close(result.model.state_dict()[k], v)
+
+
+def test_select_proxy_without_held_out_images_is_refused_before_any_work(weave, tmp_path):
+    from recontrast.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="data.val_fraction > 0"):
+        validate(lite_cfg(weave, tmp_path, **{"train.select": "proxy", "train.eval_every": 2,
+                                              "data.val_fraction": 0.0}))
+
+
+def test_an_image_level_test_split_trains_and_evaluates_with_pixel_metrics_na(weave, tmp_path, capsys):
+    """Good/defect labels only (no ground_truth/ folder, like the screw copy): image metrics,
+    pixel metrics n/a (not 0, no crash), figures without masks, a note saying why."""
+    root = tmp_path / "data"
+    shutil.copytree(weave, root)
+    shutil.rmtree(root / "weave" / "ground_truth")
+    cfg = lite_cfg(root, tmp_path / "run", **{"train.iters": 4, "eval.figures": True, "eval.gif": True})
+    with one_thread():
+        _, evaluation, _ = pipeline.run_training(cfg)
+    m = evaluation.metrics
+    assert 0.0 <= m["image_auroc"] <= 1.0 and all(m[k] != m[k] for k in ("pixel_auroc", "aupro", "pixel_f1max"))
+    assert "proxy/aupro" in m  # the proxy set has its own masks
+    written = json.loads((evaluation.out_dir / "metrics.json").read_text())
+    assert written["pixel_auroc"] is None and any("no ground-truth masks" in n for n in written["notes"])
+    assert "n/a" in evaluation.table() and "no ground-truth masks" in evaluation.table()
+    assert (evaluation.out_dir / "worst_gallery.png").is_file() and (evaluation.out_dir / "weave.gif").is_file()
