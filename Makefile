@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 
-.PHONY: install test demo lab ui bench synth clean lint strip-notebooks
+.PHONY: install test demo lab ui bench synth clean lint strip-notebooks postgres postgres-stop server
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,24 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host $(HOST) --port 5000 \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
 	  --default-artifact-root ./mlruns/artifacts
+
+# One tracking server for a team (docs/scaling.md): MLflow on PostgreSQL, artifacts proxied by
+# the server into MLFLOW_ARTIFACTS. Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:5000 recontrast ...
+# `make postgres` starts a PostgreSQL for it on this machine (Debian's packages; .ci/postgres).
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND ?= postgresql://mlflow:mlflow@127.0.0.1:5433/mlflow
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns/server-artifacts
+MLFLOW_WORKERS ?= 4
+
+postgres:
+	.ci/postgres start
+
+postgres-stop:
+	.ci/postgres stop
+
+server: $(STAMP)
+	$(VENV)/bin/mlflow server --host $(HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+	  --backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts --artifacts-destination $(MLFLOW_ARTIFACTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs preds

@@ -34,6 +34,9 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
 TARGETS = {"image_auroc": 1.0, "pixel_auroc": 0.992, "aupro": 0.971, "pixel_f1max": 0.81}
 FIT_LIMIT_S = 15 * 60
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import categories  # noqa: E402 - benchmarks/categories.py, beside this file
 
 
 def peak_rss_gb() -> float:
@@ -229,16 +232,75 @@ def compute_bound(config: str, overrides: list[str], threads: int) -> dict:
             "max_eval_img_per_s_at_matmul_rate": peak / image}
 
 
+def section_metrics(section: str, values: dict) -> dict:
+    """Returns what a section logs as MLflow metrics (nested dicts become a/b/c keys)."""
+    if section == "categories":
+        return {f"{r['category']}/{r['method']}": {**r["metrics"], "fit_seconds": r["fit_seconds"]}
+                for r in values["rows"]}
+    if section == "correlation":
+        return {"spearman/" + k.replace(" ~ ", "_vs_"): v for k, v in values.items() if " ~ " in k}
+    return values
+
+
 def log_section(config: str, overrides: list[str], section: str, values: dict) -> str:
-    """Logs a speed section as one MLflow run (same experiment as the accuracy runs) so the
-    UI shows it beside them; returns the run id."""
+    """Logs a section as one MLflow run (same experiment as the accuracy runs) so the UI
+    shows it beside them; returns the run id."""
     from recontrast.tracking import start_run
 
     cfg = _config(config, overrides)
     with start_run(cfg, run_name=f"bench_{section}", tags={"benchmark_section": section}) as run:
-        run.log_metrics(values)
+        run.log_metrics(section_metrics(section, values))
         run.log_text(json.dumps(values, indent=1), f"{section}.json")
         return run.run_id
+
+
+# --- categories and correlation (benchmarks/categories.py) -----------------------------------
+def run_categories(args, out: Path, saved: Path) -> dict:
+    """Returns {"rows": [...], "verdicts": [...]}: ReContrast's default recipe, PaDiM and
+    PatchCore on every category, each in its own subprocess; written to `saved`/categories.json
+    after every row, so a long run that is stopped keeps what it measured."""
+    roots = categories.category_roots(out)
+    wanted = [c for c in args.categories.split(",") if c] or list(roots)
+    rows: list[dict] = []
+    partial = saved.with_name("categories.json")
+    for category in wanted:
+        partial.write_text(json.dumps(rows, indent=1, default=str))
+        rows.append(in_subprocess(categories.recontrast_row, args.recipe, roots[category], category, out,
+                                  args.threads, args.set))
+        print(f"[bench] categories/{category}/recontrast: {json.dumps(_brief(rows[-1]))}", flush=True)
+        for method in ("padim", "patchcore"):
+            try:
+                rows.append(in_subprocess(categories.peer_row, method, roots[category], category, args.threads))
+            except Exception as err:  # anomalib missing (pip install -e .[peers]) or a peer failed
+                print(f"[bench] categories/{category}/{method}: skipped ({type(err).__name__}: {err})", flush=True)
+                continue
+            print(f"[bench] categories/{category}/{method}: {json.dumps(_brief(rows[-1]))}", flush=True)
+    partial.write_text(json.dumps(rows, indent=1, default=str))
+    return {"recipe": args.recipe, "rows": rows, "verdicts": categories.verdicts(rows)}
+
+
+def run_correlation(args, out: Path, results: dict) -> dict:
+    """Returns the proxy-vs-real rank correlation over the checkpoints of two bottle trainings."""
+    root = SHARED if (SHARED / "bottle").is_dir() else categories.category_roots(out)["weave"]
+    category = "bottle" if root == SHARED else "weave"
+    # The default recipe's own bottle run (categories section) evaluated every eval_every
+    # iterations already: reuse its checkpoints; train the ablation (and the default, if absent).
+    earlier = [r for r in (results.get("categories") or {}).get("rows", [])
+               if r["category"] == category and r["method"] == "recontrast" and r.get("points")]
+    points = list(earlier[0]["points"]) if earlier else []
+    variants = {"no_domain_adaptation": ["model.domain_adaptation=false"]} | ({} if points else {"default": []})
+    for name, extra in variants.items():
+        points += in_subprocess(categories.checkpoint_points, args.recipe, root, category, out, args.threads,
+                                name, [*args.set, *extra, f"train.eval_every={args.eval_every}"], args.eval_every)
+    summary = categories.rank_correlation(points)
+    print(f"[bench] correlation ({category}): {json.dumps(summary)}", flush=True)
+    return {"category": category, "recipe": args.recipe, **summary, "points": points}
+
+
+def _brief(row: dict) -> dict:
+    keep = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max", "proxy/score")
+    return {"fit_s": round(row["fit_seconds"], 1), "health": row.get("health", "-"),
+            **{k: round(row["metrics"][k], 4) for k in keep if k in row["metrics"]}}
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -268,6 +330,14 @@ def markdown(results: dict) -> str:
             met.append(f"fit within 15 min {'met' if full['fit_s'] <= FIT_LIMIT_S else 'NOT met'}")
             lines += ["", "Targets (full method): " + ", ".join(met)]
         lines.append("")
+    if "categories" in results:
+        lines += [f"## Categories ({results['categories']['recipe']}, vs anomalib peers)", "",
+                  categories.table(results["categories"]["rows"]), "", *[f"- {v}" for v in results["categories"]["verdicts"]], ""]
+    if "correlation" in results:
+        c = results["correlation"]
+        lines += [f"## Proxy vs real metrics ({c['category']}, {c['n_checkpoints']} checkpoints, Spearman)", ""]
+        lines += [f"- {k}: {v:.3f}" for k, v in c.items() if " ~ " in k]
+        lines.append("")
     for section in ("speed", "scaling", "reference"):
         if section in results:
             lines += [f"## {section}", "", "```", json.dumps(results[section], indent=1), "```", ""]
@@ -282,6 +352,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     parser.add_argument("--ref-steps", type=int, default=2)
+    parser.add_argument("--recipe", default=categories.DEFAULT_CONFIG,
+                        help="the one ReContrast recipe of the categories and correlation sections")
+    parser.add_argument("--categories", default="", help="comma-separated (default: every one available)")
+    parser.add_argument("--eval-every", type=int, default=40, help="correlation: evaluate every N iterations")
     args = parser.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +416,11 @@ def main() -> None:
             show(f"reference/{name}", ref[name])
         ref["speedup_before_after"] = ref["before"]["step_s"] / ref["after"]["step_s"]
         results["reference"] = ref
-    for section in ("speed", "scaling", "reference"):
+    if "categories" in sections:
+        results["categories"] = run_categories(args, out, saved)
+    if "correlation" in sections:
+        results["correlation"] = run_correlation(args, out, results)
+    for section in ("speed", "scaling", "reference", "categories", "correlation"):
         if section in sections:  # sections kept from an earlier run are logged already
             results[section]["mlflow_run_id"] = log_section(args.config, base, section, results[section])
     saved.write_text(json.dumps(results, indent=1))

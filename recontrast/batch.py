@@ -27,6 +27,7 @@ from recontrast import tracking
 from recontrast.checkpoint import final_checkpoint
 from recontrast.config import Config, load_config
 from recontrast.health import NOT_CONVERGED
+from recontrast.locks import folder_lock
 from recontrast.mlflow_store import RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry
 from recontrast.runtime import project_root
 from recontrast.study import Job, Study, load_study, plan, study_status
@@ -202,14 +203,22 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
     notebooks 02 and 03; `report.ok` is False when a pair failed (the others still ran).
 
     `name` renames the study (tags, folders); `executor` replaces execute_pair (tests).
+    One batch runs a study at a time: a second one, started while the first runs, refuses at
+    once naming the first (it would train the same pairs into the same folders).
     """
     spec = load_study(study)
     if name:
         spec.name = name
     todo = plan(spec, categories, variants, overrides, runs_dir)
+    folder = (Path(runs_dir) if runs_dir else project_root() / "experiments" / "runs") / spec.name
+    with folder_lock(folder, f"study '{spec.name}', folder", fix="stop it first (a rerun skips the pairs it finished)"):
+        return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair)
+
+
+def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides, executor) -> StudyReport:
+    """Returns run_study's report; the caller holds the study folder's lock."""
     report = StudyReport(spec.name)
     base = load_config(spec.path, [*(overrides or []), f"tracking.study={spec.name}"])
-    executor = executor or execute_pair
     with _parent_run(base, spec, todo) as parent:
         report.parent_run_id = parent.run_id if parent else None
         pending = []

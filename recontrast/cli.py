@@ -2,13 +2,80 @@
 
 Each subcommand parses its flags and calls one library function; no method logic lives here.
 Heavy imports happen inside the handlers so `recontrast --help` stays fast.
+
+Every failure ends in one bounded line, `recontrast <command>: <what and the fix>`, and a
+non-zero exit status; `--debug` (or RECONTRAST_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 
 from recontrast.config import ConfigError
+
+MAX_MESSAGE = 600  # characters of an error message shown: the start (what) and the end (the fix)
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """Returns `text` on one line, at most `limit` characters: its start and end are kept."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    tail, gap = limit // 3, 40  # the gap holds " [... N characters ...] "
+    cut = len(text) - limit + gap
+    return f"{text[:limit - tail - gap]} [... {cut} characters ...] {text[-tail:]}"
+
+
+# ----------------------------------------------------------------------------- flag types
+def _flag_type(name: str, check, expected: str):
+    """Returns an argparse `type` that converts with `check` and names `expected` on failure."""
+    def convert(text: str):
+        try:
+            value = check(text)
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{one_line(repr(text), 80)} is not {expected}")
+        return value
+    convert.__name__ = name
+    return convert
+
+
+def _int_at_least(low: int):
+    return lambda text: int(text) if int(text) >= low else None
+
+
+def _finite_at_least(low: float):
+    return lambda text: float(text) if math.isfinite(float(text)) and float(text) >= low else None
+
+
+def _threshold(text: str):
+    if text in ("normal", "f1"):
+        return text
+    value = float(text)
+    return text if math.isfinite(value) else None
+
+
+def _image_size(text: str):
+    value = int(text)
+    return value if value > 0 and value % 32 == 0 else None
+
+
+POSITIVE = _flag_type("positive_int", _int_at_least(1), "a positive integer")
+NON_NEGATIVE = _flag_type("non_negative_int", _int_at_least(0), "an integer >= 0")
+SECONDS = _flag_type("seconds", _finite_at_least(0.0), "a number of seconds >= 0")
+THRESHOLD = _flag_type("threshold", _threshold, "'normal', 'f1' or a finite number (a raw score)")
+IMAGE_SIZE = _flag_type("image_size", _image_size, "a positive multiple of 32 (e.g. 224 or 256)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of the command."""
+
+    def error(self, message: str):
+        raise SystemExit(f"{self.prog}: {one_line(message)} (see {self.prog} --help)")
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -40,7 +107,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from recontrast.infer import main_predict
 
-    main_predict(args.checkpoint, args.inputs, out=args.out, threshold=args.threshold)
+    rows = main_predict(args.checkpoint, args.inputs, out=args.out, threshold=args.threshold)
+    if not any(not r.get("error") for r in rows):  # a script must see that nothing was scored
+        sys.exit(f"recontrast predict: none of the {len(rows)} input image(s) could be read, nothing was "
+                 f"scored (reasons in {Path(args.out) / 'predictions.csv'})")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -74,12 +144,15 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recontrast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="recontrast", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or RECONTRAST_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (or RECONTRAST_DEBUG=1)")
         return p
 
     def overrides(p: argparse.ArgumentParser) -> None:
@@ -88,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", _synth, "write the synthetic MVTec-layout dataset")
     p.add_argument("--out", default="data/synthetic")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--n-train", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=POSITIVE, default=256)
+    p.add_argument("--n-train", type=POSITIVE, default=200)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--categories", nargs="*", default=None)
 
     p = add("train", _train, "train one model (one category)")
@@ -112,26 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", default="preds")
-    p.add_argument("--threshold", default="normal", help="'normal' (from good images only), 'f1' or a number")
+    p.add_argument("--threshold", type=THRESHOLD, default="normal",
+                   help="'normal' (from good images only), 'f1' or a number")
 
     p = add("export", _export, "export the inference graph (image -> map + score)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
+                   help="default: the size the checkpoint was calibrated (or trained) at")
 
     p = add("batch", _batch, "run a study: papermill executions per (variant, category)")
     p.add_argument("--study", required=True)
     p.add_argument("--categories", nargs="*", default=["all"])
     p.add_argument("--variants", nargs="*", default=None)
-    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--jobs", type=POSITIVE, default=1)
     p.add_argument("--force", action="store_true", help="redo finished (variant, category) pairs")
     overrides(p)
 
     p = add("runs", _runs, "maintain the MLflow store")
     p.add_argument("--fix-stale", action="store_true", required=True,
                    help="mark runs left RUNNING by a killed process as FAILED")
-    p.add_argument("--older-than", type=float, default=0.0,
+    p.add_argument("--older-than", type=SECONDS, default=0.0,
                    help="only runs whose owning process is gone or silent this many seconds")
 
     p = add("demo", _demo, "the offline demo: synthetic data, a small ablation study, its table")
@@ -141,14 +216,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("RECONTRAST_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"recontrast {args.command}: {err}")
-    except Exception as err:  # the package's own errors carry their fix in the message
-        if type(err).__module__.startswith("recontrast"):
-            sys.exit(f"recontrast {args.command}: {type(err).__name__}: {err}")
-        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.exit(f"recontrast {args.command}: interrupted")
+    except Exception as err:
+        if debug:
+            raise
+        sys.exit(f"recontrast {args.command}: {describe(err)}")
+
+
+def describe(err: BaseException) -> str:
+    """Returns the one bounded line an error is shown as: config and missing-file errors as
+    their message (which names the fix), anything else as 'Type: message'."""
+    if isinstance(err, (ConfigError, FileNotFoundError)):
+        return one_line(str(err))
+    text = str(err) or repr(err)
+    return one_line(f"{type(err).__name__}: {text}") + ("" if _raised_here(err) else " (--debug shows the traceback)")
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Returns True when the package raised `err` itself (its message then names the fix),
+    False for an error from deeper down (torch, PIL, MLflow), whose traceback may help."""
+    if type(err).__module__.startswith("recontrast"):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = str(Path(__file__).resolve().parent)
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(package)
 
 
 if __name__ == "__main__":

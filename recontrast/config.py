@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before any work starts; the message names the fix."""
+from recontrast.validation import (ConfigError, check_level_weights, show,  # noqa: F401 - re-exported
+                                   validate)
 
 
 @dataclass
@@ -175,18 +175,6 @@ BN_EVAL_CATEGORIES = frozenset(
     {"toothbrush", "leather", "grid", "tile", "wood", "screw", "cashew", "pcb1"}
 )
 
-_CHOICES = {
-    "data.format": ("mvtec", "folder"),
-    "model.encoder_bn": ("train", "eval", "auto"),
-    "loss.kind": ("global", "regional"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "train.device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
-    "eval.combine": ("sum", "mean", "product"),
-    "eval.score": ("max", "topk_mean"),
-    "train.select": ("last", "proxy"),
-}
-
-
 def encoder_bn_mode(cfg: Config) -> str:
     """Returns 'train' or 'eval' for the trainable encoder's BatchNorm layers."""
     if cfg.train.stable:
@@ -204,27 +192,36 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _parse(value: str) -> Any:
+    """Returns a --set value as YAML reads it, or the string itself when it is not valid YAML."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Returns `value` converted to the field type `tp`, or raises ConfigError."""
     origin = typing.get_origin(tp)
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse(value)
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers like "
+                              f"[{', '.join(['0.5'] * len(args))}], got {show(value)}")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))
     if isinstance(value, str) and tp is not str:
-        value = yaml.safe_load(value)
+        value = _parse(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -233,13 +230,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {show(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if value is None:
             return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {show(value)}")
         return str(value)
     return value
 
@@ -251,15 +250,15 @@ def _did_you_mean(name: str, options: list[str]) -> str:
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Sets one leaf by its dotted key ('train.iters'), with type checks and did-you-mean."""
-    parts = dotted.split(".")
+    parts = str(dotted).split(".")
     sections = [f.name for f in dataclasses.fields(cfg)]
     if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError(f"unknown config key '{dotted}'" + _did_you_mean(parts[0], sections))
+        raise ConfigError(f"unknown config key {show(str(dotted))}" + _did_you_mean(parts[0], sections))
     section = getattr(cfg, parts[0])
     hints = typing.get_type_hints(type(section))
     if parts[1] not in hints:
         keys = [f"{parts[0]}.{k}" for k in hints]
-        raise ConfigError(f"unknown config key '{dotted}'" + _did_you_mean(dotted, keys))
+        raise ConfigError(f"unknown config key {show(str(dotted))}" + _did_you_mean(dotted, keys))
     setattr(section, parts[1], _coerce(dotted, value, hints[parts[1]]))
 
 
@@ -272,8 +271,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any] | None) -
     else:
         items = []
         for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' must look like section.key=value")
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"override {show(item)} must look like section.key=value")
             key, value = item.split("=", 1)
             items.append((key.strip(), value.strip()))
     for key, value in items:
@@ -284,9 +283,14 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any] | None) -
 def from_dict(data: dict[str, Any] | None) -> Config:
     """Returns a Config built from nested dicts; unknown keys raise with a did-you-mean."""
     cfg = Config()
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(f"a config must be a mapping of sections (data:, model:, train:, ...), "
+                          f"got {type(data).__name__} {show(data)}")
     for section, values in (data or {}).items():
+        if values is None:  # `train:` with nothing under it
+            continue
         if not isinstance(values, dict):
-            raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+            raise ConfigError(f"section {show(section)} must be a mapping of keys to values, got {show(values)}")
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value)
     return cfg
@@ -303,47 +307,30 @@ def load_config(
             found = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
             hint = f"; found: {', '.join(found)}" if found else ""
             raise ConfigError(f"no config file '{path}'{hint}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
         data.pop("study", None)  # study files carry a grid besides the base config
     cfg = apply_overrides(from_dict(data), overrides)
     validate(cfg)
     return cfg
 
 
-def check_level_weights(weights, name: str = "level_weights") -> None:
-    """Raises ConfigError unless every weight is >= 0 and at least one is > 0."""
-    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-        raise ConfigError(f"{name} must be >= 0 and not all 0, got {list(weights)}")
-
-
-def validate(cfg: Config) -> Config:
-    """Returns cfg if it is consistent; raises ConfigError naming the fix otherwise."""
-    flat = cfg.flatten()
-    for key, choices in _CHOICES.items():
-        if choices and flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(choices)}")
-    if cfg.data.image_size <= 0 or cfg.data.image_size % 32:
-        lo = max(32, cfg.data.image_size // 32 * 32)
-        raise ConfigError(
-            f"data.image_size={cfg.data.image_size} must be a positive multiple of 32 "
-            f"(the encoder downsamples by 32); try {lo} or {lo + 32}"
-        )
-    positive = ["train.iters", "train.batch_size", "eval.batch_size", "eval.num_bins"]
-    for key in positive:
-        if flat[key] <= 0:
-            raise ConfigError(f"{key} must be > 0, got {flat[key]}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if not 0.0 < cfg.eval.topk <= 1.0:
-        raise ConfigError(f"eval.topk must be in (0, 1], got {cfg.eval.topk}")
-    check_level_weights(cfg.eval.level_weights, "eval.level_weights")
-    if cfg.model.width_mult <= 0:
-        raise ConfigError(f"model.width_mult must be > 0, got {cfg.model.width_mult}")
-    if cfg.train.select == "proxy":
-        missing = [fix for bad, fix in ((cfg.train.eval_every <= 0, "train.eval_every > 0"),
-                                        (cfg.data.val_fraction <= 0, "data.val_fraction > 0"),
-                                        (not cfg.eval.proxy, "eval.proxy=true")) if bad]
-        if missing:
-            raise ConfigError(f"train.select=proxy chooses among evaluations of held-out images with "
-                              f"synthetic defects: it needs {', '.join(missing)}")
-    return cfg
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Returns the mapping a YAML config file holds ({} when empty); raises ConfigError naming
+    the file and line of a syntax error, or what the top level is when it is not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error ({problem}); fix the file "
+                          f"(indentation, a missing ':' or an unclosed quote or bracket)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path} ({type(err).__name__}: {err}); "
+                          f"give a readable YAML file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, "
+                          f"train:, ...), not {type(data).__name__} {show(data)}")
+    return data

@@ -54,37 +54,62 @@ class Sample:
 
 
 class ImageDataset(Dataset):
-    """Returns items from a list of samples; the base of MVTecDataset and FolderDataset."""
+    """Returns items from a list of samples; the base of MVTecDataset and FolderDataset.
+
+    Every file is decoded in full when the dataset is built, so a file that would fail in
+    the middle of training or evaluation fails (or, with skip_bad, is skipped) here; with
+    `cache` the decoded, resized tensors are kept, so nothing is decoded twice.
+    """
 
     def __init__(self, entries, image_size: int, skip_bad: bool, cache: bool, has_masks: bool):
         self.image_size, self.skip_bad, self.cache, self.has_masks = image_size, skip_bad, cache, has_masks
         self.skipped: list[tuple[str, str]] = []
-        self.samples: list[Sample] = [s for s in entries if self._valid(s)]
-        self._cache: list = [None] * len(self.samples)
         self._warned_mask = False
+        self.samples: list[Sample] = []
+        self._cache: list = []
+        for s in entries:
+            ok, pair = self._verify(s)
+            if ok:
+                self.samples.append(s)
+                self._cache.append(pair)
 
     @property
     def defect_types(self) -> list[str]:
         return sorted({s.defect_type for s in self.samples} - {"good"})
 
-    def _valid(self, s: Sample) -> bool:
-        """Returns False for a skipped unreadable file (skip_bad); raises otherwise."""
+    def _verify(self, s: Sample) -> tuple[bool, tuple | None]:
+        """Returns (False, None) for a skipped unreadable file (skip_bad), (True, the decoded
+        pair when caching); raises BadImage naming the file and the fix, or MaskMismatch."""
         try:
-            size = check_image(s.path)
-            if s.mask_path is not None:
-                mask_size = check_image(s.mask_path)
-                if mask_size != size:
-                    raise MaskMismatch(
-                        f"mask '{s.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image "
-                        f"'{s.path}' is {size[0]}x{size[1]}; masks must have their image's size")
+            if self.cache:
+                image = load_rgb(s.path)  # decodes every pixel
+                mask, note = load_mask(s.mask_path) if s.mask_path is not None else (None, None)
+                size, mask_size = image.shape[1::-1], None if mask is None else mask.shape[::-1]
+            else:
+                size = check_image(s.path)  # decodes every pixel, keeps nothing
+                mask_size = check_image(s.mask_path) if s.mask_path is not None else None
+            if mask_size is not None and tuple(mask_size) != tuple(size):
+                raise MaskMismatch(
+                    f"mask '{s.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image "
+                    f"'{s.path}' is {size[0]}x{size[1]}; masks must have their image's size")
         except BadImage as exc:
             if not self.skip_bad:
                 raise BadImage(f"{exc}; replace or delete it, or set data.skip_bad_images=true "
                                "to skip such files") from None
-            warnings.warn(f"skipping: {exc}", DataWarning, stacklevel=4)
+            warnings.warn(f"skipping: {exc}", DataWarning, stacklevel=5)
             self.skipped.append((str(s.path), str(exc)))
-            return False
-        return True
+            return False, None
+        if not self.cache:
+            return True, None
+        self._note(note)
+        return True, (resize_rgb(image, self.image_size),
+                      None if mask is None else resize_mask(mask, self.image_size))
+
+    def _note(self, note: str | None) -> None:
+        if note and not self._warned_mask:
+            warnings.warn(f"{note} (further such masks in this dataset binarised silently)",
+                          DataWarning, stacklevel=4)
+            self._warned_mask = True
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -94,10 +119,7 @@ class ImageDataset(Dataset):
         if s.mask_path is None:
             return image, None
         mask, note = load_mask(s.mask_path)
-        if note and not self._warned_mask:
-            warnings.warn(f"{note} (further such masks in this dataset binarised silently)",
-                          DataWarning, stacklevel=3)
-            self._warned_mask = True
+        self._note(note)
         return image, resize_mask(mask, self.image_size)
 
     def __getitem__(self, index: int) -> dict:
@@ -112,10 +134,11 @@ class ImageDataset(Dataset):
                 "defect_type": s.defect_type, "path": str(s.path)}
 
     def subset(self, indices) -> "ImageDataset":
-        """Returns a dataset of the same kind holding only samples[indices] (own cache)."""
+        """Returns a dataset of the same kind holding only samples[indices] (and their cached
+        tensors: the subset decodes nothing again)."""
         new = copy.copy(self)
         new.samples = [self.samples[i] for i in indices]
-        new._cache = [None] * len(new.samples)
+        new._cache = [self._cache[i] for i in indices]
         return new
 
 
@@ -262,8 +285,12 @@ def build_datasets(data_cfg, val_fraction: float | None = None) -> Datasets:
     else:
         raise DataError(f"data.format={data_cfg.format!r} is not one of mvtec, folder")
     full, test = make("train"), make("test")
-    if not full.samples:
-        raise EmptySplit(f"every training image was skipped as unreadable ({len(full.skipped)})")
+    # Both splits were decoded in full: a split left empty by skipped files stops here, not
+    # after training (an evaluation of no test image can calibrate nothing).
+    for split, what in ((full, "training"), (test, "test")):
+        if not split.samples:
+            raise EmptySplit(f"every {what} image was skipped as unreadable ({len(split.skipped)}, e.g. "
+                             f"{split.skipped[0][1] if split.skipped else '?'}); replace them")
     held = every_kth(len(full), fraction)
     if len(held) == len(full):
         raise EmptySplit(f"only {len(full)} training image(s): nothing left after holding out "

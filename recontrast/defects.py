@@ -26,7 +26,10 @@ from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 
 KINDS: tuple[str, ...] = ("texture", "patch", "scar")
 TOL = 2 / 255  # a mask pixel differs from the input by more than this, summed over channels
-AREA = (0.01, 0.06)  # target fraction of pixels for blob and ellipse regions
+# Target fraction of pixels for blob and ellipse regions. Small and subtle on purpose: easy
+# defects (large, opaque) score ~1.0 for every model that learned anything, which cannot
+# rank models; these sit nearer the size and contrast of real surface defects.
+AREA = (0.004, 0.03)
 MIN_FRACTION = 0.003  # below this the defect is retried with the next sub-seed
 ATTEMPTS = 8
 
@@ -83,7 +86,7 @@ def _texture_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (candidate, region): a foreign texture blended into an irregular blob (DRAEM-like)."""
     _, h, w = image.shape
     region = _blob(rng, h, w, _area(rng))
-    beta = rng.uniform(0.3, 1.0)
+    beta = rng.uniform(0.2, 0.8)
     texture = _texture(rng, h, w).to(image)
     return image * (1 - beta) + texture * beta, region
 
@@ -224,8 +227,8 @@ def _far_colour(rng, image, region) -> torch.Tensor:
 
 
 def _recolour(rng, source, region) -> torch.Tensor:
-    """Returns `source` pulled 15-45 % towards a far colour: even a flat image changes by >= 0.045."""
-    a = rng.uniform(0.15, 0.45)
+    """Returns `source` pulled 10-35 % towards a far colour: even a flat image changes by >= 0.03."""
+    a = rng.uniform(0.10, 0.35)
     return source * (1 - a) + _far_colour(rng, source, region).to(source) * a
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from recontrast.anomaly_map import image_score, maps_for
 from recontrast.config import EvalConfig
+from recontrast.infer import calibrated_settings
 from recontrast.model import load_model
 
 
@@ -40,18 +41,28 @@ def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "on
     """
     if fmt != "onnx":
         raise ValueError(f"export format {fmt!r} is not supported; use 'onnx'")
+    if image_size is not None and (image_size <= 0 or image_size % 32):
+        raise ValueError(f"image_size={image_size} must be a positive multiple of 32 "
+                         f"(the encoder downsamples by 32); try {max(32, image_size // 32 * 32)}")
+    out = Path(out) if out is not None else Path(checkpoint).with_suffix(".onnx")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out '{out}' is a folder; give the file to write, e.g. {out / 'model.onnx'}")
     try:
         import onnx  # noqa: F401
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install 'recontrast[export]'") from None
     model, cfg, state = load_model(checkpoint, "cpu")
-    size = int(image_size or cfg.data.image_size)
-    if size <= 0 or size % 32:
-        raise ValueError(f"image_size={size} must be a positive multiple of 32 "
-                         "(the encoder downsamples by 32)")
     calibration = state.get("calibration") or {}
-    eval_cfg = EvalConfig(**{**vars(cfg.eval), **(calibration.get("eval") or {})})
-    out = Path(out) if out is not None else Path(checkpoint).with_suffix(".onnx")
+    eval_cfg, size = cfg.eval, int(image_size or cfg.data.image_size)
+    if any(calibration.get(k) is not None for k in ("threshold_f1", "threshold_normal")):
+        # The thresholds in the metadata apply only to scores computed as they were calibrated.
+        eval_cfg, calibrated_size = calibrated_settings(calibration, cfg.eval, str(checkpoint))
+        if image_size is not None and image_size != calibrated_size:
+            raise ValueError(f"image_size={image_size}, but the checkpoint's thresholds were calibrated at "
+                             f"{calibrated_size} px and do not apply to other sizes; export at {calibrated_size}, "
+                             f"or recalibrate first: recontrast evaluate --checkpoint {checkpoint} "
+                             f"--set data.image_size={image_size}")
+        size = calibrated_size
     out.parent.mkdir(parents=True, exist_ok=True)
     graph = InferenceGraph(model, eval_cfg, size).eval()
     dummy = torch.zeros(1, 3, size, size)

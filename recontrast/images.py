@@ -33,15 +33,19 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def check_image(path: Path) -> tuple[int, int]:
-    """Returns (width, height) from the header; PNG chunks are CRC-checked to catch truncation."""
+    """Returns (width, height) after decoding every pixel: a file that passes here decodes
+    later too (a truncated JPEG, or a PNG whose chunks have valid checksums but whose
+    compressed pixels are corrupt, fail here and not in the middle of training)."""
     if path.stat().st_size == 0:
         raise BadImage(f"'{path}' is a zero-byte file")
     try:
         with Image.open(path) as im:
             size = im.size
             if im.format == "PNG":
-                im.verify()  # reads the chunks without decompressing the pixels
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+                im.verify()  # chunk checksums, which decoding alone does not check
+        with Image.open(path) as im:  # verify() leaves the image unusable: open it again
+            im.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
         raise _bad(path, exc) from None
     return size
 
@@ -53,6 +57,9 @@ def _bad(path: Path, exc: Exception) -> BadImage:
 
 
 def decode_image(path: Path) -> Image.Image:
+    """Returns the decoded PIL image (every pixel read); raises BadImage naming the file."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise BadImage(f"'{path}' is a zero-byte file")
     try:
         with Image.open(path) as im:
             im.load()
@@ -68,16 +75,20 @@ def load_rgb(path: Path) -> np.ndarray:
     (alpha dropped); 16-bit images are scaled by 1/257 so 65535 maps to 255.
     """
     im = decode_image(path)
-    if im.mode in SIXTEEN_BIT_MODES:
-        gray = np.asarray(im, dtype=np.float32) / 257.0
-        return np.repeat(np.clip(gray, 0, 255)[..., None], 3, axis=-1)
-    if im.mode == "F":
-        gray = np.asarray(im, dtype=np.float32)
-        gray = gray * 255.0 if gray.max(initial=0) <= 1.0 else gray
-        return np.repeat(np.clip(gray, 0, 255)[..., None], 3, axis=-1)
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return np.asarray(im.convert("RGB"), dtype=np.float32)
+    try:
+        if im.mode in SIXTEEN_BIT_MODES:
+            gray = np.asarray(im, dtype=np.float32) / 257.0
+            return np.repeat(np.clip(gray, 0, 255)[..., None], 3, axis=-1)
+        if im.mode == "F":
+            gray = np.asarray(im, dtype=np.float32)
+            gray = gray * 255.0 if gray.max(initial=0) <= 1.0 else gray
+            return np.repeat(np.clip(gray, 0, 255)[..., None], 3, axis=-1)
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        return np.asarray(im.convert("RGB"), dtype=np.float32)
+    except (ValueError, OSError) as exc:  # a mode PIL decodes but cannot convert to RGB
+        raise BadImage(f"'{path}' has pixel mode {im.mode}, which cannot be converted to RGB "
+                       f"({type(exc).__name__}: {exc})") from None
 
 
 def load_mask(path: Path) -> tuple[np.ndarray, str | None]:

@@ -10,10 +10,11 @@ Without a calibration the detector still gives raw scores and raw maps, and says
 from __future__ import annotations
 
 import csv
+import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,35 @@ UNCALIBRATED = ("the checkpoint holds no calibration: run `recontrast evaluate -
                 "first to calibrate a threshold; until then predictions carry raw scores only")
 
 
+# What changes a raw score besides the weights: a threshold applies only to scores computed
+# with the settings it was calibrated with (calibration["eval"] and calibration["image_size"]).
+SCORE_SETTINGS = ("combine", "sigma", "level_weights", "score", "topk")
+
+
 class UnreadableImageWarning(UserWarning):
     """An input image could not be decoded; it was skipped."""
+
+
+class CalibrationMismatch(ValueError):
+    """A calibration that does not record every setting its thresholds depend on."""
+
+
+def calibrated_settings(calibration: dict[str, Any], eval_cfg: EvalConfig, source: str) -> tuple[EvalConfig, int]:
+    """Returns (eval settings, image size) that the calibration's thresholds were computed
+    with: scoring with anything else would compare scores and thresholds of different scales.
+
+    Raises CalibrationMismatch when the calibration does not record all of them (one made
+    before they were stored): its thresholds cannot be trusted, so nothing is decided.
+    """
+    stored = calibration.get("eval") or {}
+    missing = [f"eval.{k}" for k in SCORE_SETTINGS if k not in stored]
+    missing += [] if calibration.get("image_size") else ["data.image_size"]
+    if missing:
+        raise CalibrationMismatch(
+            f"the calibration in {source} does not record {', '.join(missing)}, so its thresholds may "
+            f"not fit the scores computed now; recalibrate with `recontrast evaluate --checkpoint {source}`")
+    settings = {k: tuple(stored[k]) if k == "level_weights" else stored[k] for k in SCORE_SETTINGS}
+    return replace(eval_cfg, **settings), int(calibration["image_size"])
 
 
 @dataclass
@@ -115,17 +143,20 @@ class Detector:
                  device: str | torch.device = "cpu", source: str = "the checkpoint"):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
-        self.image_size = int(image_size)
+        self.image_size, self.eval_cfg = int(image_size), eval_cfg
         self.calibration = dict(calibration or {})
-        stored = self.calibration.get("eval") or {}
-        # Score exactly as the calibration did, or its thresholds would not apply.
-        self.eval_cfg = EvalConfig(**{**vars(eval_cfg), **stored})
+        if self.calibrated:
+            # Score exactly as the calibration did (image size included), or its thresholds
+            # and display scale would not apply.
+            self.eval_cfg, self.image_size = calibrated_settings(self.calibration, eval_cfg, source)
         self.threshold_name, self.threshold = "uncalibrated", None
         self.map_max = 1.0  # largest possible raw map value, set by raw()
         self.offset = float(self.calibration.get("map_offset", 0.0))
         custom = threshold is not None and threshold not in ("normal", "f1")
         if self.calibrated or custom:
             self.threshold_name, self.threshold = pick_threshold(self.calibration, threshold)
+            if not math.isfinite(self.threshold):  # NaN flags nothing, inf nothing, -inf everything
+                raise ValueError(f"threshold must be a finite number, 'normal' or 'f1', got {threshold!r}")
         else:
             msg = UNCALIBRATED.format(ckpt=source)
             warnings.warn(msg, UserWarning, stacklevel=3)
@@ -228,12 +259,15 @@ def main_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str 
     """Returns one row per input image (path, score, raw_score, anomalous, ..., error) after
     writing a heatmap overlay per image and predictions.csv to `out`; unreadable images are
     skipped with a warning and an error row."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out '{out}' is a file; predictions (heatmaps and predictions.csv) "
+                                 f"go into a folder: give a folder path")
     files = collect_images(inputs)
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
     det = Detector.load(checkpoint, device=pick_device("auto"),
                         threshold=None if threshold in (None, "") else threshold)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -291,4 +325,4 @@ def _print_table(rows: list[dict[str, Any]], det: Detector, out: Path) -> None:
     th = ("none (uncalibrated)" if det.threshold is None
           else f"{det.threshold_name} = {det.threshold:.4g} (raw)")
     print(f"{len(rows) - bad} scored, {bad} unreadable; threshold {th}; score 0.5 = threshold; "
-          f"results in {out / 'predictions.csv'}")
+          f"{det.image_size} px; results in {out / 'predictions.csv'}")

@@ -11,6 +11,8 @@ import os
 import random
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,6 +21,12 @@ from recontrast.runtime import process_alive, project_root
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
 RUN_ID_FILE = "mlflow_run_id"  # written next to the checkpoint: notebook 03 / `evaluate` find the run
+RUN_FOLDER_TAG = "run_folder"  # the absolute folder a run trains into: a copied folder is not it
+PROBE_TIMEOUT_S = 3.0
+
+
+class StoreUnreachable(ConnectionError):
+    """The MLflow tracking server does not answer; the message names it and the way out."""
 
 
 # ----------------------------------------------------------------------------- the store
@@ -62,15 +70,37 @@ def retry(fn: Callable, *args, attempts: int = 8, **kwargs):
             time.sleep(min(0.2 * 2**k, 5.0) * (0.5 + random.random()))
 
 
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raises StoreUnreachable unless a tracking server at an http(s) `uri` answers within
+    `timeout` seconds (any HTTP answer will do, even an error status). MLflow itself retries
+    for minutes before giving up; this says so in seconds, before any work. Other stores
+    (sqlite files, databases) are not probed."""
+    if uri.split(":", 1)[0].lower() not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise StoreUnreachable(
+            f"the MLflow tracking server {uri} does not answer ({reason}; {timeout:g} s timeout); "
+            f"start it, point tracking.uri (or $MLFLOW_TRACKING_URI) at one that runs, or run "
+            f"without tracking (--no-track, tracking.enabled=false)") from None
+
+
 _CLIENTS: dict[str, Any] = {}
 
 
 def get_client(cfg: Config | None = None, uri: str | None = None):
-    """Returns a (cached) MlflowClient for tracking_uri(cfg, uri)."""
+    """Returns a (cached) MlflowClient for tracking_uri(cfg, uri); a tracking server that does
+    not answer raises StoreUnreachable in seconds."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg, uri)
     if uri not in _CLIENTS:
+        check_reachable(uri)
         if uri.startswith("sqlite:///"):
             with _store_lock(Path(uri[len("sqlite:///"):])):
                 _CLIENTS[uri] = retry(MlflowClient, tracking_uri=uri)  # creates or migrates the tables
@@ -118,7 +148,9 @@ def experiment_id(client, name: str) -> str:
 
 def fix_stale_runs(older_than_s: float = 0.0, uri: str | None = None) -> list[str]:
     """Returns the ids of RUNNING runs it marked FAILED: their process is gone from this host
-    (SIGKILL, OOM, power loss), or, with older_than_s > 0, they were silent that long."""
+    (SIGKILL, OOM, power loss), or, with older_than_s > 0, they ran elsewhere (another host,
+    no process recorded) and were silent that long. A run whose process is alive on this host
+    is never marked, however long it was silent (a long evaluation logs nothing)."""
     from mlflow.entities import ViewType
 
     client = get_client(uri=uri)
@@ -133,8 +165,9 @@ def fix_stale_runs(older_than_s: float = 0.0, uri: str | None = None) -> list[st
                 tags, reason = r.data.tags, None
                 pid = tags.get("pid", "")
                 local = tags.get("hostname") == host and pid.isdigit()
-                if local and not process_alive(int(pid), tags.get("process_start", "")):
-                    reason = f"its process {pid} on {host} is gone (killed?)"
+                if local:
+                    if not process_alive(int(pid), tags.get("process_start", "")):
+                        reason = f"its process {pid} on {host} is gone (killed?)"
                 elif older_than_s > 0:
                     silent = (now - _last_activity(client, r)) / 1000
                     if silent > older_than_s:
@@ -181,6 +214,27 @@ def run_exists(client, run_id: str) -> bool:
         return False
 
 
+def run_of_folder(client, folder: str | Path) -> str | None:
+    """Returns the run id in <folder>/mlflow_run_id when that run exists and trained in this
+    very folder; None otherwise. A copied (or moved) run folder carries the original's id:
+    reopening that run would mix two trainings, so the copy gets a run of its own."""
+    run_id = read_run_id(folder)
+    if run_id is None:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        return None
+    if run.info.lifecycle_stage != "active":
+        return None
+    tags = run.data.tags
+    # Runs logged before the run_folder tag existed name their folder through the checkpoint tag.
+    trained_in = tags.get(RUN_FOLDER_TAG) or (str(Path(tags["checkpoint"]).parent) if tags.get("checkpoint") else "")
+    if trained_in and Path(trained_in).resolve() != Path(folder).resolve():
+        return None
+    return run_id
+
+
 def checkpoint_of(run_id: str, uri: str | None = None) -> Path:
     """Returns the checkpoint a run trained: its 'checkpoint' tag when that file exists here,
     else the run's logged checkpoint artifact, downloaded."""
@@ -206,8 +260,8 @@ def find_run(checkpoint: str | Path, uri: str | None = None) -> str | None:
     else a run tagged with its path), or None."""
     checkpoint = Path(checkpoint).resolve()
     client = get_client(uri=uri)
-    stored = read_run_id(checkpoint.parent)
-    if stored and run_exists(client, stored):
+    stored = run_of_folder(client, checkpoint.parent)
+    if stored:
         return stored
     from mlflow.entities import ViewType
 

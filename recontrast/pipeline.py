@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,8 +24,11 @@ from recontrast.data import Datasets, build_datasets
 from recontrast.defects import ProxyDataset
 from recontrast.evaluate import EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
-from recontrast.mlflow_store import get_client, read_run_id, run_exists, write_run_id
+from recontrast.locks import folder_lock
+from recontrast.mlflow_store import (RUN_FOLDER_TAG, check_reachable, get_client, run_of_folder, tracking_uri,
+                                     write_run_id)
 from recontrast.model import load_model
+from recontrast.preflight import check_device, check_evaluation_overrides, check_resumable
 from recontrast.report import write_outputs
 from recontrast.runtime import pick_device
 from recontrast.train import Callback, TrainResult, train, warmup_iters
@@ -72,13 +76,34 @@ def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate
     """Returns (TrainResult, EvalResult or None, run id or None): trains cfg, evaluates the
     final model with figures, and logs both (config, metrics, checkpoint, figures) to one run.
 
-    With resume=True the run recorded in <train.out>/mlflow_run_id is reopened. The
+    With resume=True the run recorded in <train.out>/mlflow_run_id is reopened (when it
+    trained in this very folder: a copied folder gets a run of its own). The
     checkpoint is logged when evaluated here (log_checkpoint=None), so the logged copy holds
     its calibration; without evaluation, notebook 03 / log_evaluation(log_checkpoint=True) logs it.
     """
-    # A dataset, batch size or backbone that cannot work stops here or in train()'s checks,
-    # before any run or file exists; what fails later is recorded in the run (FAILED/KILLED).
+    # A dataset (every file decoded), device or tracking server that cannot work stops here,
+    # a batch size or backbone in train()'s checks: before any run exists, and the run folder
+    # is removed again when nothing was written to it. What fails later is recorded in the
+    # run (FAILED/KILLED). One process at a time owns the run folder.
+    check_device(cfg)
+    if track and cfg.tracking.enabled:
+        check_reachable(tracking_uri(cfg))
     data = datasets if datasets is not None else build_datasets(cfg.data)
+    # Under torchrun the ranks of one training share the folder: rank 0 holds its lock.
+    owner = os.environ.get("RANK", "0") == "0"
+    lock = folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)") \
+        if owner else contextlib.nullcontext()
+    with lock:
+        if resume:
+            check_resumable(cfg)
+        return _run_training(cfg, data, resume, track, evaluate_at_end, callbacks, run_name, parent_run_id,
+                             tags, log_checkpoint)
+
+
+def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evaluate_at_end: bool,
+                  callbacks: Sequence[Callback], run_name: str | None, parent_run_id: str | None,
+                  tags: dict[str, Any] | None, log_checkpoint: bool | None):
+    """Returns what run_training returns; the caller holds the run folder's lock."""
     proxy = proxy_dataset(cfg, data)
     # Test metrics during training only when asked (eval_every); proxy metrics always, at
     # eval_every and at the end: what train.select=proxy and the health check read.
@@ -97,9 +122,9 @@ def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate
         result = train(cfg, callbacks=callbacks, resume=resume, eval_fn=eval_fn, datasets=data)
         return result, finish(result, None), None
 
-    previous = read_run_id(out) if resume else None
-    if previous is not None and not run_exists(get_client(cfg), previous):
-        previous = None
+    # Reopen the folder's run only if it trained in this very folder (not in the one this was copied from).
+    previous = run_of_folder(get_client(cfg), out) if resume else None
+    tags = {**(tags or {}), RUN_FOLDER_TAG: str(out.resolve())}
     with contextlib.ExitStack() as stack:
         def open_run() -> tracking.Run:
             run = stack.enter_context(tracking.start_run(cfg, run_name=run_name, run_id=previous,
@@ -126,7 +151,9 @@ def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate
         if evaluation is not None:
             tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, step=result.iterations)
         if evaluate_at_end if log_checkpoint is None else log_checkpoint:
-            run.log_artifact(result.checkpoint, "checkpoint")  # after evaluation: calibrated
+            # After evaluation (calibrated); the folder's lock keeps any other recontrast
+            # process from replacing the file since this run wrote it.
+            run.log_artifact(result.checkpoint, "checkpoint")
     return result, evaluation, run.run_id
 
 
@@ -213,20 +240,14 @@ def run_evaluation(
     only when the category is the one the model was trained on.
     """
     checkpoint = Path(checkpoint)
-    model, cfg, ckpt = load_model(checkpoint, "cpu")
-    trained_category = cfg.data.category
-    apply_overrides(cfg, overrides)
-    if data_root is not None:
-        cfg.data.root = str(data_root)
-    if category is not None:
-        cfg.data.category = category
-    validate(cfg)
-    model.to(pick_device(cfg.train.device)).eval()
-    datasets = build_datasets(cfg.data)
-    out = Path(out) if out is not None else checkpoint.parent / f"eval_{cfg.data.category}"
+    if not checkpoint.is_file():
+        load_checkpoint(checkpoint)  # raises, naming the checkpoints the folder holds
+    # Storing the calibration rewrites the checkpoint: its folder has one owner from the
+    # moment the weights are read until the calibration is written next to them.
+    with folder_lock(checkpoint.parent, "the checkpoint's folder", fix="evaluate a copy of the checkpoint"):
+        result, cfg, trained_category, out = _evaluate_checkpoint(checkpoint, data_root, category, out,
+                                                                  overrides, track)
     same = cfg.data.category == trained_category
-    result = evaluate_and_store(model, cfg, datasets, checkpoint, out, int(ckpt.get("iteration", 0)), store=same,
-                                loss_history=list(ckpt.get("loss_history", [])))
     stored = (f"calibration stored in {checkpoint}" if same else
               f"calibration NOT stored: the model was trained on '{trained_category}', "
               f"evaluated on '{cfg.data.category}'")
@@ -249,3 +270,29 @@ def run_evaluation(
                           RuntimeWarning, stacklevel=2)
     return result
 
+
+
+def _evaluate_checkpoint(checkpoint: Path, data_root, category, out, overrides, track: bool):
+    """Returns (EvalResult, cfg, trained category, out folder) of run_evaluation's work, every
+    setting and the data checked before the model runs; the caller holds the folder's lock."""
+    model, cfg, ckpt = load_model(checkpoint, "cpu")
+    trained_category, trained = cfg.data.category, cfg.flatten()
+    apply_overrides(cfg, overrides)
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    if category is not None:
+        cfg.data.category = category
+    validate(cfg)
+    check_evaluation_overrides(trained, cfg)
+    device = check_device(cfg)
+    out = Path(out) if out is not None else checkpoint.parent / f"eval_{cfg.data.category}"
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out '{out}' is a file; metrics and figures go into a folder: give a folder path")
+    if track and cfg.tracking.enabled:
+        check_reachable(tracking_uri())  # where log_evaluation logs
+    datasets = build_datasets(cfg.data)
+    model.to(device).eval()
+    same = cfg.data.category == trained_category
+    result = evaluate_and_store(model, cfg, datasets, checkpoint, out, int(ckpt.get("iteration", 0)), store=same,
+                                loss_history=list(ckpt.get("loss_history", [])))
+    return result, cfg, trained_category, out

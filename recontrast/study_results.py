@@ -1,4 +1,5 @@
-"""Study results: the runs of a study read back from MLflow as tables (notebook 04, the demo).
+"""Study results: the runs of a study read back from MLflow as tables (notebook 04, the demo),
+and the study-level metrics its parent run carries for the MLflow UI.
 
 pandas is imported inside the functions: `recontrast` itself works without it.
 """
@@ -10,6 +11,7 @@ from typing import Sequence
 from recontrast import tracking
 from recontrast.mlflow_store import experiment_id, get_client, retry
 from recontrast.study import METRICS, SWITCHES
+
 
 def _experiment_ids(client, experiment: str | None) -> list[str]:
     """Returns the id of `experiment` ([] when it does not exist), or of every active
@@ -37,7 +39,8 @@ def study_results(study: str, experiment: str | None = None, uri: str | None = N
             if tags.get("recontrast_role"):  # the study's parent run or a comparison run
                 variant_order = variant_order or tags.get("variants", "").split(",")
                 continue
-            row = {"run_id": run.info.run_id, "variant": tags.get("ablation", "?"),
+            variant = tags.get("variant") or tags.get("ablation", "?")  # 'ablation': runs logged before #15
+            row = {"run_id": run.info.run_id, "variant": variant,
                    "category": tags.get("category", "?"), "status": run.info.status,
                    "start_time": run.info.start_time}
             row.update({k: run.data.params.get(k) for k in SWITCHES})
@@ -89,16 +92,68 @@ def ablation_deltas(frame, metrics: Sequence[str] = METRICS, baseline: str = "fu
     return pd.DataFrame(long)
 
 
+def study_summary_metrics(frame, baseline: str = "full", metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """Returns the study-level metrics of the parent run: per variant and metric,
+    '<variant>/<metric>_mean' (mean over its finished categories) and, for every variant but
+    the baseline, '<variant>/<metric>_delta' (mean over the categories both finished of the
+    variant's value minus the baseline's; absent without a baseline run)."""
+    import pandas as pd
+
+    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    metrics = [m for m in metrics if m in finished]
+    if finished.empty or not metrics:
+        return {}
+    values = finished.melt(id_vars=["variant", "category"], value_vars=metrics, var_name="metric").dropna()
+    out: dict[str, float] = {}
+    for (variant, metric), group in values.groupby(["variant", "metric"], sort=False):
+        out[f"{variant}/{metric}_mean"] = float(group["value"].mean())
+    deltas = ablation_deltas(finished, metrics, baseline).dropna(subset=["delta"])
+    for (variant, metric), group in deltas[deltas["variant"] != baseline].groupby(["variant", "metric"], sort=False):
+        out[f"{variant}/{metric}_delta"] = float(group["delta"].mean())
+    return {k: v for k, v in out.items() if pd.notna(v)}
+
+
+def _parent_run_id(client, experiments: list[str], study: str) -> str | None:
+    """Returns the id of the latest parent run of `study` (tags recontrast_role=study), or None."""
+    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
+                               max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
+    return found[0].info.run_id if found else None
+
+
+def log_study_metrics(study: str, parent_run_id: str | None = None, experiment: str | None = None,
+                      uri: str | None = None, baseline: str = "full",
+                      metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """Returns the study_summary_metrics of `study`'s runs after logging them to its parent
+    run (`parent_run_id`, else the latest one found), and to each of its runs the deltas to
+    the baseline on the same category as 'delta/<metric>' (0 for the baseline): in the MLflow
+    UI's chart view one bar chart per metric then compares the variants."""
+    client = get_client(uri=uri)
+    parent_run_id = parent_run_id or _parent_run_id(client, _experiment_ids(client, experiment), study)
+    if parent_run_id is None:
+        raise LookupError(f"study '{study}' has no parent run (tags.recontrast_role = 'study'); "
+                          f"`recontrast batch` creates it")
+    frame = study_results(study, experiment, uri)
+    summary = study_summary_metrics(frame, baseline, metrics)
+    run = tracking.Run(parent_run_id, client)
+    run.log_metrics(summary)
+    run.set_tags({"baseline": baseline})
+    if summary:
+        run_ids = {(v, c): r for v, c, r in zip(frame["variant"], frame["category"], frame["run_id"])}
+        deltas = ablation_deltas(frame, metrics, baseline).dropna(subset=["delta"])
+        for (variant, category), group in deltas.groupby(["variant", "category"], sort=False):
+            tracking.Run(run_ids[(variant, category)], client).log_metrics(
+                {f"delta/{m}": d for m, d in zip(group["metric"], group["delta"])})
+    return summary
+
+
 def log_comparison(study: str, paths: Sequence[str | Path], experiment: str | None = None,
                    uri: str | None = None) -> str:
     """Returns the id of the run the comparison files were logged to (under comparison/):
     the study's parent run, or a new run '<study>-comparison' when there is none."""
     client = get_client(uri=uri)
-    experiments = _experiment_ids(client, experiment)
-    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
-                               max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
-    if found:
-        run = tracking.Run(found[0].info.run_id, client)
+    parent_run_id = _parent_run_id(client, _experiment_ids(client, experiment), study)
+    if parent_run_id:
+        run = tracking.Run(parent_run_id, client)
     else:
         exp_id = experiment_id(client, experiment or "recontrast")
         created = retry(client.create_run, exp_id, run_name=f"{study}-comparison",
@@ -106,6 +161,6 @@ def log_comparison(study: str, paths: Sequence[str | Path], experiment: str | No
         run = tracking.Run(created.info.run_id, client)
     for path in paths:
         run.log_artifact(path, "comparison")
-    if not found:
+    if not parent_run_id:
         run.end("FINISHED")
     return run.run_id

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import shutil
 from pathlib import Path
 
@@ -295,9 +296,7 @@ def generate(out, size: int = 256, n_train: int = 200, n_test_good: int = 20,
     """
     root = Path(out)
     cats = tuple(categories) if categories else CATEGORIES
-    unknown = [c for c in cats if c not in CATEGORIES]
-    if unknown:
-        raise ValueError(f"unknown synthetic categories {unknown}; choose from {', '.join(CATEGORIES)}")
+    _check_arguments(root, cats, size, n_train, n_test_good, n_test_defect, seed)
     ours = _is_ours(root)
     for c in cats:
         if (root / c).exists():
@@ -319,6 +318,29 @@ def generate(out, size: int = 256, n_train: int = 200, n_test_good: int = 20,
     _write_info(root, dict(size=size, n_train=n_train, n_test_good=n_test_good,
                            n_test_defect=n_test_defect, seed=seed))
     return root
+
+
+MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px defects no longer fit reliably
+
+
+def _check_arguments(root: Path, cats, size, n_train, n_test_good, n_test_defect, seed) -> None:
+    """Raises ValueError naming the first argument generate() cannot work with, and its fix."""
+    unknown = [c for c in cats if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown synthetic categories {', '.join(map(repr, unknown))[:200]}; "
+                         f"choose from {', '.join(CATEGORIES)}")
+    counts = {"size": size, "n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect,
+              "seed": seed}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r}"[:200])
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size={size} is out of range: images are {MIN_SIZE} to {MAX_SIZE} px (e.g. 256)")
+    if n_train < 1 or n_test_good < 1 or n_test_defect < 0 or seed < 0:
+        raise ValueError(f"image counts must be >= 1 (n_train={n_train}, n_test_good={n_test_good}), "
+                         f"n_test_defect >= 0 ({n_test_defect}) and seed >= 0 ({seed})")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out '{root}' is a file; give a folder for the dataset")
 
 
 def _is_ours(root: Path) -> bool:

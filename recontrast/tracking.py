@@ -94,7 +94,18 @@ class Run:
         retry(self.client.log_text, self.run_id, text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
+        if status == "FINISHED":
+            self._clear_stale_mark()
         retry(self.client.set_terminated, self.run_id, status)
+
+    def _clear_stale_mark(self) -> None:
+        """A run `recontrast runs --fix-stale` marked FAILED while it was in fact still working
+        (another host, silent too long) and that then finished must not keep the mark."""
+        tags = self.client.get_run(self.run_id).data.tags
+        if tags.get("error_type") == "StaleRun":
+            for key in ("error", "error_type"):
+                with contextlib.suppress(Exception):
+                    retry(self.client.delete_tag, self.run_id, key)
 
     @property
     def info(self):

@@ -4,7 +4,9 @@
 tracking subclasses it; `recontrast.pipeline` ties training, evaluation and tracking).
 Sampling is a pure function of (seed, iteration), and the checkpoint holds model,
 optimizers, RNG and loss history, so `resume=True` continues bit-identically where a
-killed run stopped.
+killed run stopped. Under torchrun each process trains on its slice of that global batch
+with DistributedDataParallel (recontrast.distributed, docs/scaling.md); rank 0 alone calls
+the callbacks, evaluates and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a TTY, silent otherwise
 
 from recontrast.checkpoint import (config_changes, load_checkpoint, restore_training_state,
@@ -26,6 +29,8 @@ from recontrast.checkpoint import (config_changes, load_checkpoint, restore_trai
 from recontrast.config import Config, ConfigError
 from recontrast.cpu_memory import reuse_freed_memory
 from recontrast.data import build_datasets
+from recontrast.distributed import (GlobalBatchLoss, World, check_batch, join, mean_over_ranks, rank_part,
+                                    sync_batchnorm)
 from recontrast.evaluate import PROXY_SCORE
 from recontrast.loss import ReContrastLoss
 from recontrast.model import build_model
@@ -111,15 +116,17 @@ class ProxySelection:
 
 
 class TrainBatches:
-    """Gives batch `iteration` of the training images, shape (B, 3, S, S), on `device`."""
+    """Gives batch `iteration` of the training images, shape (B, 3, S, S), on `device`;
+    under torchrun this rank's slice of it, (B / N, 3, S, S)."""
 
-    def __init__(self, dataset, cfg: Config, device: torch.device):
-        self.dataset, self.cfg, self.device = dataset, cfg, device
+    def __init__(self, dataset, cfg: Config, device: torch.device, here: World = World()):
+        self.dataset, self.cfg, self.device, self.here = dataset, cfg, device, here
         n, bs = len(dataset), cfg.train.batch_size
         if bs > n:
             where = Path(cfg.data.root) / (f"{cfg.data.category}/train/good" if cfg.data.format == "mvtec" else "")
             held = f" (after holding out data.val_fraction={cfg.data.val_fraction})" if cfg.data.val_fraction else ""
             raise ConfigError(f"train.batch_size={bs} but only {n} training images{held} in {where}; lower it")
+        check_batch(bs, here, n if not cfg.train.drop_last else 0)
         first = dataset[0]["image"]
         self.images = None  # decoded once by the dataset's cache; stacked here when it fits
         if n * first.numel() * first.element_size() <= _STACK_LIMIT_BYTES:
@@ -127,7 +134,7 @@ class TrainBatches:
 
     def __call__(self, iteration: int) -> torch.Tensor:
         t = self.cfg.train
-        idx = batch_indices(len(self.dataset), t.batch_size, t.seed, iteration, t.drop_last)
+        idx = rank_part(batch_indices(len(self.dataset), t.batch_size, t.seed, iteration, t.drop_last), self.here)
         if self.images is not None:
             return self.images[idx.to(self.device)]
         return torch.stack([self.dataset[i]["image"] for i in idx.tolist()]).to(self.device)
@@ -180,10 +187,10 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def _progress(total: int, initial: int):
+def _progress(total: int, initial: int, shown: bool = True):
     in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
     return tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
-                disable=False if in_notebook else None)
+                disable=True if not shown else False if in_notebook else None)
 
 
 def train(
@@ -195,21 +202,26 @@ def train(
 ) -> TrainResult:
     """Returns the trained model, its checkpoint <train.out>/last.ckpt and the loss history."""
     t = cfg.train
-    device = pick_device(t.device)
+    here, device = join(pick_device(t.device))  # torchrun: this rank's device, the process group
     amp = _amp_dtype(t.amp, device)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     seed_everything(t.seed)
     if datasets is None:
         datasets = build_datasets(cfg.data)
-    batches = TrainBatches(datasets.train, cfg, device)  # checks batch size before any work
+    batches = TrainBatches(datasets.train, cfg, device, here)  # checks batch size before any work
+    if not here.is_main:  # rank 0 alone logs, evaluates and writes files
+        callbacks, eval_fn = (), None
 
     model = build_model(cfg).to(device)  # handles stable (partial BN), encoder BN mode, channels_last
+    if here.distributed and getattr(t, "sync_bn", True):
+        sync_batchnorm(model)  # BN statistics over the global batch, as in one process
     optimizers = build_optimizers(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    loss_fn = ReContrastLoss(stable_loss_config(cfg), t.iters)
+    loss_fn = (GlobalBatchLoss if here.distributed else ReContrastLoss)(stable_loss_config(cfg), t.iters)
     path = Path(t.out) / "last.ckpt"
-    selector = ProxySelection(Path(t.out) / "best.ckpt", enabled=t.select == "proxy", resume=resume)
+    selector = ProxySelection(Path(t.out) / "best.ckpt", enabled=t.select == "proxy" and here.is_main,
+                              resume=resume or not here.is_main)
     start, history, last_good = 0, [], None
     if resume:
         ckpt = load_checkpoint(path)
@@ -218,10 +230,15 @@ def train(
         restore_training_state(ckpt, model, optimizers, scaler)
         start, history, last_good = ckpt["iteration"], list(ckpt["loss_history"]), path
         log.info("resuming %s at iteration %d of %d", path, start, t.iters)
+    # Gradients averaged over the ranks: the gradient of the global batch's mean loss.
+    forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if here.distributed else model
 
     def save(iteration: int) -> Path:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise _diverged(iteration, "a weight", last_good, callbacks)
+        if not here.is_main:
+            return path
         save_checkpoint(path, training_state(cfg, model, optimizers, scaler, iteration, history))
         for cb in callbacks:
             cb.on_checkpoint(iteration, path)
@@ -239,16 +256,16 @@ def train(
     model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
     tick, last_eval = (time.perf_counter(), start), None
     fit_start = tick[0]
-    with _progress(t.iters, start) as bar, reuse_freed_memory(t.reuse_cpu_memory and device.type == "cpu"):
+    with _progress(t.iters, start, here.is_main) as bar, reuse_freed_memory(t.reuse_cpu_memory and device.type == "cpu"):
         for it in range(start, t.iters):
             if t.stable and it > 0 and it % t.reset_every == 0:
                 optimizers[0].state.clear()  # the stable variant: fresh decoder Adam moments
             encoder_paused = t.stable and it >= t.reset_every and it % t.reset_every < t.encoder_pause
             x = batches(it)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                pairs = model(x)
+                pairs = forward(x)
             loss, info = loss_fn([(a.float(), b.float()) for a, b in pairs], it)
-            value = loss.item()
+            value = mean_over_ranks(loss.detach()).item()  # the global batch's loss on every rank
             if not math.isfinite(value):
                 raise _diverged(it, f"the loss ({value})", last_good, callbacks)
             for opt in optimizers:

@@ -17,14 +17,14 @@ PACKAGE = ROOT / "recontrast"
 # Lowest first. A module may import the modules listed before it (its own layer's earlier
 # entries included) and nothing after it: docs/architecture.md draws the same list.
 LAYERS = {
-    "configuration": ["config"],
-    "runtime helpers": ["runtime", "cpu_memory", "checkpoint"],
+    "configuration": ["validation", "config"],
+    "runtime helpers": ["runtime", "locks", "cpu_memory", "checkpoint"],
     "data": ["images", "data", "synthetic", "defects"],
     "method": ["backbones", "model", "loss", "anomaly_map", "metrics"],
-    "steps": ["calibration", "evaluate", "health", "train", "plots"],
-    "outputs and services": ["report", "runtimes", "infer", "export", "mlflow_store", "tracking"],
-    "orchestration": ["pipeline"],
-    "entry points": ["study", "batch", "study_results", "demo", "cli"],
+    "steps": ["calibration", "evaluate", "health", "distributed", "train", "plots"],
+    "outputs and services": ["report", "runtimes", "infer", "pyfunc_model", "export", "mlflow_store", "mlflow_model", "tracking"],
+    "orchestration": ["preflight", "pipeline"],
+    "entry points": ["study", "study_results", "ray_executor", "batch", "demo", "cli", "__main__"],
 }
 ORDER = [m for layer in LAYERS.values() for m in layer]
 # Imports inside functions: heavy or optional packages only (and the CLI's handlers, which

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
@@ -28,3 +30,35 @@ def test_report_marks_each_target_met_or_not():
     short = bench.markdown({"host": "cpu", "accuracy": {"full": _accuracy(0.9910, 901.0)}})
     assert "pixel_auroc NOT met" in short and "fit within 15 min NOT met" in short
     assert "aupro met" in short
+
+
+def _row(category: str, method: str, fit_s: float = 100.0, **metrics) -> dict:
+    base = {k: 0.9 for k in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+                              "pixel_f1max", "aupro")}
+    return {"category": category, "method": method, "metrics": {**base, **metrics}, "fit_seconds": fit_s,
+            "health": "ok"}
+
+
+def test_category_verdicts_compare_with_the_best_peer_on_every_shared_metric():
+    categories = _bench().categories
+    rows = [_row("screw", "recontrast", pixel_auroc=float("nan"), aupro=float("nan")),
+            _row("screw", "padim", image_auroc=0.95, pixel_auroc=float("nan"), aupro=float("nan")),
+            _row("screw", "patchcore", image_auroc=0.85),
+            _row("weave", "recontrast", fit_s=1000.0, image_auroc=0.99),
+            _row("weave", "padim", image_auroc=0.97)]
+    screw, weave = categories.verdicts(rows)
+    assert "NOT met (image_auroc 90.00 < 95.00)" in screw  # pixel metrics n/a: not compared
+    assert "vs best peer MET" in weave and "fit 1000 s NOT met" in weave
+    assert "| screw | recontrast | 90.00 | 90.00 | 90.00 | n/a |" in categories.table(rows)
+
+
+def test_rank_correlation_is_spearman_over_the_checkpoints():
+    categories = _bench().categories
+    points = [{"proxy/image_auroc": p, "image_auroc": r, "proxy/pixel_auroc": p, "pixel_auroc": -r,
+               "proxy/aupro": p, "aupro": float("nan"), "proxy/score": p}
+              for p, r in [(0.1, 0.5), (0.2, 0.7), (0.3, 0.6), (0.4, 0.9)]]
+    rho = categories.rank_correlation(points)
+    assert rho["n_checkpoints"] == 4
+    assert rho["proxy/image_auroc ~ image_auroc"] == rho["proxy/score ~ image_auroc"] == pytest.approx(0.8)
+    assert rho["proxy/pixel_auroc ~ pixel_auroc"] == pytest.approx(-0.8)
+    assert rho["proxy/aupro ~ aupro"] != rho["proxy/aupro ~ aupro"]  # no finite pairs: NaN

@@ -71,3 +71,69 @@ def test_encoder_bn_auto_follows_the_per_category_defaults():
     cfg.train.stable = True
     cfg.data.category = "screw"
     assert encoder_bn_mode(cfg) == "train"
+
+
+# ----------------------------------------------------------------------------- every value checked
+BAD_VALUES = {
+    "train.lr=-1": r"train\.lr=-1\.0: must be > 0",
+    "train.lr=.nan": r"train\.lr: expected a finite number, got nan",
+    "train.lr=.inf": r"train\.lr: expected a finite number",
+    "train.betas=[2,3]": r"train\.betas=\[2\.0, 3\.0\]: each value must be in \[0, 1\)",
+    "train.betas=[0.9]": r"train\.betas: expected a list of 2 numbers",
+    "train.betas=[1,": r"train\.betas: expected a list of 2 numbers",
+    "train.weight_decay=-1": r"train\.weight_decay=-1\.0: must be >= 0",
+    "train.eps=0": r"train\.eps=0\.0: must be > 0",
+    "train.device=foo": r"train\.device='foo' is not a device; use auto, cpu, cuda",
+    "tracking.experiment=": r"tracking\.experiment is empty",
+    "train.out=": r"train\.out is empty",
+    "train.reset_every=0": r"train\.reset_every=0: must be >= 1",
+    "train.seed=-1": r"train\.seed=-1: must be in \[0, 4294967296\)",
+    "train.iters=[": r"train\.iters: expected an integer, got '\['",
+    "eval.sigma=-1": r"eval\.sigma=-1\.0: must be in \[0, 64\]",
+    "eval.threshold_quantile=2": r"eval\.threshold_quantile=2\.0: must be in \[0, 1\]",
+    "eval.pro_fpr_limit=0": r"eval\.pro_fpr_limit=0\.0: must be in \(0, 1\]",
+    "eval.num_bins=1": r"eval\.num_bins=1: must be in \[2, ",
+    "eval.num_bins=101": r"eval\.num_bins=101 must be even",
+    "eval.topk=0": r"eval\.topk=0\.0: must be in \(0, 1\]",
+    "eval.level_weights=[1,.nan,1]": r"eval\.level_weights: expected a finite number, got nan",
+    "eval.level_weights=[0,0,0]": r"eval\.level_weights must be >= 0 and not all 0",
+    "loss.warmup_fraction=1.5": r"loss\.warmup_fraction=1\.5: must be in \[0, 1\]",
+    "loss.factor=-0.1": r"loss\.factor=-0\.1: must be >= 0",
+    "data.image_size=8192": r"data\.image_size=8192 must be a positive multiple of 32 up to 4096",
+    "data.num_workers=-1": r"data\.num_workers=-1: must be >= 0",
+    "train.iters=" + "9" * 400: r"train\.iters=9{60}\.\.\. \(400 characters\): must be below 2147483648",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_VALUES))
+def test_every_bad_value_is_refused_when_loaded_naming_key_value_and_range(override):
+    with pytest.raises(ConfigError, match=BAD_VALUES[override]) as caught:
+        load_config(None, [override, "train.stable=true"])
+    assert len(str(caught.value)) < 300  # whatever was given, the message stays short
+
+
+def test_a_long_wrong_value_is_echoed_cut_short():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["train.device=" + "x" * 100_000])
+    assert len(str(caught.value)) < 300 and "(100002 characters)" in str(caught.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  iters: [1\n", r"bad\.yaml:3:1: YAML syntax error .*fix the file"),
+    ("train:\n\titers: 5\n", r"bad\.yaml:2:1: YAML syntax error"),
+    ("- data\n- train\n", r"bad\.yaml: the top level must be a mapping of sections .*not list \['data', 'train'\]"),
+    ("42\n", r"bad\.yaml: the top level must be a mapping of sections .*not int 42"),
+    ("train: 5\n", r"section 'train' must be a mapping of keys to values, got 5"),
+])
+def test_a_broken_yaml_file_is_one_config_error_naming_file_and_line(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_an_empty_file_or_section_means_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "bare.yaml").write_text("train:\neval:\n  sigma: 2\n")
+    assert load_config(tmp_path / "empty.yaml").flatten() == Config().flatten()
+    bare = load_config(tmp_path / "bare.yaml")
+    assert bare.train.iters == Config().train.iters and bare.eval.sigma == 2.0

@@ -52,7 +52,7 @@ def test_main_evaluate_writes_metrics_csv_and_figures(evaluated, capsys):
     expected = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"}
     assert expected <= set(metrics)
     assert {f"image_auroc_{t}" for t in datasets.test.defect_types} <= set(metrics)
-    assert all(0.0 <= v <= 1.0 for v in metrics.values()), metrics
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "notes"), metrics
 
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
@@ -171,11 +171,12 @@ def test_make_eval_fn_returns_metrics_only(evaluated, tmp_path):
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert metrics[key] == pytest.approx(result.metrics[key], abs=1e-9)
     assert "image_f1_threshold" not in metrics
-    # Without masks (a user's folder of images): image metrics only, no pixel keys.
+    # Without masks (a user's folder of images): image metrics, pixel metrics n/a with a note.
     no_masks = datasets.test.subset(range(len(datasets.test)))
     no_masks.has_masks = False
     unmasked = E.evaluate(model, no_masks, cfg.eval)
-    assert "image_auroc" in unmasked.metrics and "pixel_auroc" not in unmasked.metrics
+    assert "image_auroc" in unmasked.metrics and math.isnan(unmasked.metrics["pixel_auroc"])
+    assert unmasked.notes == [E.NO_MASKS]
     assert unmasked.calibration["normal_source"] == "test_good"
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,28 @@ def _mask_8x8(p: Path) -> None:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(p)
 
 
+def _truncated_jpeg(p: Path) -> Path:
+    """Replaces the PNG `p` by the first 60 % of its JPEG (a download cut short); returns it."""
+    jpeg = p.with_suffix(".jpg")
+    Image.open(p).convert("RGB").save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[: int(jpeg.stat().st_size * 0.6)])
+    p.unlink()
+    return jpeg
+
+
+def _corrupt_pixels(p: Path) -> None:
+    """Garbles the PNG's compressed pixel data and fixes the chunk checksum: the header and
+    every CRC are valid, only decoding the pixels fails."""
+    data = bytearray(p.read_bytes())
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4:at], "big")
+    start = at + 4
+    for i in range(start + length // 4, start + length - 8, 3):
+        data[i] ^= 0x5A
+    data[start + length:start + length + 4] = zlib.crc32(bytes(data[at:start + length])).to_bytes(4, "big")
+    p.write_bytes(bytes(data))
+
+
 DAMAGES = {
     "truncated_png": ("train/good/003.png", _truncate, r"003\.png' is truncated or corrupt"),
     "zero_byte": ("train/good/004.png", lambda p: p.write_bytes(b""), r"004\.png' is a zero-byte file"),
@@ -69,6 +92,11 @@ DAMAGES = {
     "corrupt_mask": ("ground_truth/hole/001_mask.png", _truncate, r"001_mask\.png' is truncated"),
     "mask_other_size": ("ground_truth/stain/000_mask.png", _mask_8x8,
                         r"000_mask\.png' is 8x8 but its image .*stain/000\.png' is 64x64"),
+    # Files whose header (and PNG checksums) are fine: only decoding every pixel finds them.
+    "truncated_jpeg": ("train/good/006.png", _truncated_jpeg, r"006\.jpg' is truncated or corrupt"),
+    "png_corrupt_pixels": ("train/good/007.png", _corrupt_pixels, r"007\.png' is truncated or corrupt"),
+    "truncated_jpeg_in_test_good": ("test/good/001.png", _truncated_jpeg, r"good/001\.jpg' is truncated or corrupt"),
+    "mask_corrupt_pixels": ("ground_truth/hole/002_mask.png", _corrupt_pixels, r"002_mask\.png' is truncated"),
 }
 
 
@@ -113,6 +141,38 @@ def test_skip_bad_images_trains_warns_and_logs_the_count(root, store, tmp_path):
         f"no skipped-file count in the MLflow run (metrics/params/tags containing 'skipped': {counts})")
 
 
+def test_with_skipping_a_file_that_fails_only_to_decode_is_skipped_everywhere_alike(root, store, tmp_path):
+    """A truncated JPEG and a PNG with valid checksums but corrupt pixels in train/good, and a
+    truncated JPEG in test/good: with data.skip_bad_images=true all three are skipped when
+    the datasets are built, training and evaluation finish, and the checkpoint is calibrated."""
+    from recontrast.checkpoint import load_checkpoint
+
+    _truncated_jpeg(root / CATEGORY / "train" / "good" / "006.png")
+    _corrupt_pixels(root / CATEGORY / "train" / "good" / "007.png")
+    _truncated_jpeg(root / CATEGORY / "test" / "good" / "001.png")
+    config = write_config(tmp_path, root, CATEGORY, data={"skip_bad_images": True})
+    with pytest.warns(DataWarning, match="skipping") as caught:
+        assert run_cli(["train", "--config", str(config), "--out", str(tmp_path / "run")]) is None
+    skipped = sorted(Path(str(w.message).split("'")[1]).name for w in caught if "skipping" in str(w.message))
+    assert skipped == ["001.jpg", "006.jpg", "007.png"]
+    calibration = load_checkpoint(tmp_path / "run" / "last.ckpt")["calibration"]
+    assert calibration["threshold_normal"] is not None and calibration["n_normal"] == 5  # 6 good, one skipped
+    (run,) = runs_in(store, tmp_path / "run")
+    assert run.info.status == "FINISHED" and run.data.metrics["data/skipped_images"] == 3
+
+
+def test_a_test_split_left_empty_by_skipping_stops_before_training(root, store, tmp_path, monkeypatch):
+    for image in (root / CATEGORY / "test").rglob("*.png"):
+        image.write_bytes(image.read_bytes()[:40])  # every test image unreadable
+    _no_model(monkeypatch)
+    out = tmp_path / "run"
+    config = write_config(tmp_path, root, CATEGORY, data={"skip_bad_images": True})
+    with pytest.warns(DataWarning):
+        error = run_cli(["train", "--config", str(config), "--out", str(out)])
+    assert error is not None and re.search(r"every test image was skipped as unreadable \(15, e\.g\. ", error), error
+    assert not out.exists() and runs_in(store, out) == []
+
+
 def _rgb_back(item) -> np.ndarray:
     """Returns the item's image as (S, S, 3) on 0..255, undoing the ImageNet normalisation."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -150,7 +210,10 @@ def test_odd_modes_and_a_10x_image_train_and_evaluate_correctly(root, tmp_path):
 
     cfg = load_config(write_config(tmp_path, root, CATEGORY),
                       [f"train.out={tmp_path / 'run'}", "tracking.enabled=false"])
-    datasets = build_datasets(cfg.data)
+    # Every file is decoded when the datasets are built (data.cache=true keeps the result):
+    # an odd mask is said then, before training.
+    with pytest.warns(DataWarning, match=r"001_mask\.png' holds values other than 0/255"):
+        datasets = build_datasets(cfg.data)
     assert len(datasets.train) == 12 and not datasets.train.skipped and not datasets.test.skipped
     item = datasets.train[4]
     assert item["image"].shape == (3, 64, 64)
@@ -164,8 +227,7 @@ def test_odd_modes_and_a_10x_image_train_and_evaluate_correctly(root, tmp_path):
 
     result = train(cfg, datasets=datasets)
     assert result.iterations == 2 and all(np.isfinite(result.loss_history))
-    with pytest.warns(DataWarning, match=r"001_mask\.png' holds values other than 0/255"):
-        evaluation = evaluate(result.model, datasets.test, cfg.eval)
+    evaluation = evaluate(result.model, datasets.test, cfg.eval)
     assert len(evaluation.records) == len(datasets.test) == 15
     assert all(np.isfinite(v) for v in evaluation.metrics.values())
 
@@ -183,6 +245,23 @@ CONFIG_FAULTS = {
                                 r"data\.image_size=100 must be a positive multiple of 32 .*try 96 or 128"),
     "batch_larger_than_train_set": (["--set", "train.batch_size=13"],
                                     r"train\.batch_size=13 but only 12 training images .*lower it"),
+    # Values that used to pass here, then fail in the middle of training or after it.
+    "negative_lr": (["--set", "train.lr=-1"], r"train\.lr=-1\.0: must be > 0"),
+    "nan_lr": (["--set", "train.lr=.nan"], r"train\.lr: expected a finite number, got nan"),
+    "betas_out_of_range": (["--set", "train.betas=[2,3]"], r"train\.betas=\[2\.0, 3\.0\]: each value must be in \[0, 1\)"),
+    "negative_weight_decay": (["--set", "train.weight_decay=-1"], r"train\.weight_decay=-1\.0: must be >= 0"),
+    "unknown_device": (["--set", "train.device=foo"], r"train\.device='foo' is not a device"),
+    "absent_cuda_device": (["--set", "train.device=cuda:7"], r"train\.device=cuda:7 but"),
+    "fp16_on_cpu": (["--set", "train.amp=fp16", "train.device=cpu"], r"train\.amp=fp16 needs CUDA"),
+    "empty_experiment": (["--set", "tracking.experiment="], r"tracking\.experiment is empty"),
+    "stable_reset_every_0": (["--set", "train.stable=true", "train.reset_every=0"], r"train\.reset_every=0: must be >= 1"),
+    "negative_sigma": (["--set", "eval.sigma=-1"], r"eval\.sigma=-1\.0: must be in \[0, 64\]"),
+    "quantile_above_1": (["--set", "eval.threshold_quantile=2"], r"eval\.threshold_quantile=2\.0: must be in \[0, 1\]"),
+    "pro_fpr_limit_0": (["--set", "eval.pro_fpr_limit=0"], r"eval\.pro_fpr_limit=0\.0: must be in \(0, 1\]"),
+    "one_bin": (["--set", "eval.num_bins=1"], r"eval\.num_bins=1: must be in \[2, "),
+    "yaml_syntax_error": ("train:\n  iters: [2\n", r"config\.yaml:3:1: YAML syntax error"),
+    "yaml_top_level_list": ("- train\n- data\n", r"config\.yaml: the top level must be a mapping"),
+    "yaml_top_level_scalar": ("just text\n", r"config\.yaml: the top level must be a mapping .*not str 'just text'"),
 }
 
 
@@ -190,11 +269,13 @@ CONFIG_FAULTS = {
 def test_a_bad_config_exits_with_the_fix_before_any_work(fault, root, store, tmp_path):
     change, message = CONFIG_FAULTS[fault]
     sets = change if isinstance(change, list) else []
-    config = write_config(tmp_path, root, CATEGORY, **({} if isinstance(change, list) else change))
+    config = write_config(tmp_path, root, CATEGORY, **(change if isinstance(change, dict) else {}))
+    if isinstance(change, str):  # the file's text itself
+        config.write_text(change)
     out = tmp_path / "run"
     error = run_cli(["train", "--config", str(config), "--out", str(out), *sets])
     assert error is not None and error.startswith("recontrast train: "), error
-    assert re.search(message, error), error
+    assert re.search(message, error) and "\n" not in error, error
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
     assert written == [], f"the run folder was written before the config error: {written}"
     runs = [(r.info.status, r.data.tags.get("error", "")[:80]) for r in runs_in(store, out)]

@@ -1,0 +1,69 @@
+"""Checks that run before any work: a device that exists, a run folder that can be resumed
+with this config, and evaluation overrides the checkpoint can honour.
+
+`recontrast.pipeline` calls them before it decodes data, builds a model or writes anything,
+so a mistake costs one line instead of a training (docs/reliability.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recontrast.checkpoint import CheckpointError, load_checkpoint
+from recontrast.config import Config, ConfigError
+from recontrast.runtime import pick_device
+
+# What shapes the weights: a resume with another value cannot load the checkpoint.
+SHAPE_KEYS = ("model.backbone", "model.width_mult", "model.domain_adaptation")
+
+
+def check_device(cfg: Config) -> torch.device:
+    """Returns the training device; raises ConfigError when it (or train.amp on it) cannot work here."""
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={cfg.train.device} but this machine has {torch.cuda.device_count()} "
+                          f"CUDA device(s); use train.device=cuda:0 or auto")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ConfigError("train.device=mps but MPS is not available here; use train.device=auto")
+    if cfg.train.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.amp=fp16 needs CUDA (GradScaler); use train.amp=bf16 or none on {device.type}")
+    return device
+
+
+def check_resumable(cfg: Config) -> None:
+    """Raises unless <train.out>/last.ckpt exists and was trained with cfg's model shape."""
+    last = Path(cfg.train.out) / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointError(f"--resume: there is no {last} to continue from; "
+                              f"train without --resume to start this run")
+    try:  # memory-mapped: only the config is read, not the weights
+        stored = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["config"]
+    except Exception:
+        stored = load_checkpoint(last)["config"]  # its error message says what is wrong with the file
+    flat = cfg.flatten()
+    for key in SHAPE_KEYS:
+        section, name = key.split(".")
+        old = stored.get(section, {}).get(name)
+        if old != flat[key]:
+            raise ConfigError(f"--resume: {last} was trained with {key}={old}, this config has {flat[key]}, "
+                              f"so its weights cannot continue; resume with {key}={old}, or train into "
+                              f"another folder (--out)")
+
+
+# Settings fixed by the checkpoint (the model is rebuilt from its own config).
+_TRAINED = ("model.", "loss.", "train.iters", "train.batch_size", "train.lr", "train.encoder_lr",
+            "train.betas", "train.weight_decay", "train.eps", "train.seed", "train.stable",
+            "train.reset_every", "train.encoder_pause", "train.select", "train.amp", "train.drop_last")
+
+
+def check_evaluation_overrides(trained: dict[str, Any], cfg: Config) -> None:
+    """Raises ConfigError when cfg changes a setting of `trained` (the checkpoint's flattened
+    config) that the checkpoint fixes: the rebuilt model would silently ignore it."""
+    ignored = [f"{k}={v}" for k, v in cfg.flatten().items() if trained[k] != v and k.startswith(_TRAINED)]
+    if ignored:
+        raise ConfigError(f"evaluate cannot change {', '.join(ignored)}: the model is rebuilt from the "
+                          f"checkpoint's settings; only data.*, eval.*, tracking.*, train.device and "
+                          f"train.threads can change here (train a new model for the others)")

@@ -1,0 +1,256 @@
+"""CPU runtimes for the exported inference graph: ONNX Runtime (fp32, int8) and OpenVINO.
+
+    path = export("last.ckpt")                                        # fp32 ONNX
+    int8 = quantize_onnx_int8(path, "model.int8.onnx", normal_batches)  # static int8
+    xml = convert_openvino(int8, "model.int8.xml")                    # OpenVINO IR
+    maps, scores = Session(xml, "openvino", threads=4).run(x)          # x: (B, 3, S, S)
+
+The graph is the exported `InferenceGraph`: input "image" (B, 3, S, S) ImageNet-normalised
+float32, outputs "anomaly_map" (B, 1, S, S) and "score" (B,), both raw (uncalibrated).
+onnxruntime, onnx and openvino are optional: they are imported where used, and a missing
+one raises RuntimeMissing naming the extra that installs it.
+"""
+from __future__ import annotations
+
+import importlib
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+RUNTIMES = ("torch", "onnx", "openvino")
+# package -> the pyproject extra that installs it
+EXTRAS = {"onnxruntime": "export", "onnx": "export", "openvino": "openvino"}
+# Op types quantized to int8: the convolutions hold nearly all the compute. Everything else
+# (BN folded into conv, ReLU, Add, Resize, the cosine's Mul/ReduceSum/Div) stays float.
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+class RuntimeMissing(ImportError):
+    """An optional runtime package is not installed."""
+
+    def __init__(self, package: str, purpose: str = ""):
+        extra = EXTRAS.get(package.split(".")[0], "export")
+        what = f" ({purpose})" if purpose else ""
+        super().__init__(f"{package} is not installed{what}: pip install -e '.[{extra}]'")
+        self.package, self.extra = package, extra
+
+
+def _require(module: str, purpose: str = "") -> ModuleType:
+    """Returns the imported module, or raises RuntimeMissing naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        # Chain the cause only when the package is there but broken (a missing library).
+        missing = err.name is None or err.name.split(".")[0] == module.split(".")[0]
+        raise RuntimeMissing(module.split(".")[0], purpose) from (None if missing else err)
+
+
+def check_runtime(runtime: str) -> str:
+    """Returns `runtime` if it is one of RUNTIMES, else raises ValueError listing them."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+# --- int8 ----------------------------------------------------------------------------------
+
+def float_nodes(model) -> list[str]:
+    """Returns the names of the ONNX nodes that int8 quantization leaves in float32: the map
+    head and the stems (the first convolutions on the image)."""
+    return head_nodes(model) + stem_nodes(model)
+
+
+def head_nodes(model) -> list[str]:
+    """Returns the names of the ONNX nodes that compute the anomaly map from the features.
+
+    The head (cosine distance, upsampling, sum, Gaussian blur, max) turns feature errors into
+    the map: its Convs are the blur, and int8 there would quantize the map itself. The
+    TorchScript exporter names nodes by module scope: the network's nodes lie under
+    "/model/" (InferenceGraph.model), the head's do not.
+    """
+    if not any(n.name.startswith("/model/") for n in model.graph.node):
+        return _downstream_of_cosine(model)  # another exporter: find the head by its ops
+    return [n.name for n in model.graph.node if not n.name.startswith("/model/")]
+
+
+def _downstream_of_cosine(model) -> list[str]:
+    """Returns the names of the nodes fed, directly or not, by a ReduceSum (the cosine's)."""
+    tainted: set[str] = set()
+    names: list[str] = []
+    for node in model.graph.node:  # ONNX nodes are topologically sorted
+        if node.op_type in ("ReduceSum", "ReduceL2") or tainted.intersection(node.input):
+            tainted.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def stem_nodes(model) -> list[str]:
+    """Returns the names of the first quantizable nodes on every path from the graph input.
+
+    An int8 input re-quantizes the image on a grid that is not its own 8 bits: on resnet18
+    (150 iterations) int8 stems tripled the score error (1.5e-2 vs 4.7e-3). The stems are
+    a small share of the compute (3 input channels).
+    """
+    tainted = {i.name for i in model.graph.input}
+    stems: list[str] = []
+    for node in model.graph.node:
+        if node.op_type in ("Shape", "Size") or not tainted.intersection(node.input):
+            continue  # shapes carry no pixel values
+        if node.op_type in QUANTIZED_OPS:
+            stems.append(node.name)  # stop here: its output is a feature map, not the image
+        else:
+            tainted.update(node.output)
+    return stems
+
+
+def quantize_onnx_int8(fp32_path: str | Path, out_path: str | Path,
+                       calibration_batches: Iterable[np.ndarray], method: str = "minmax") -> Path:
+    """Returns `out_path`, an int8 ONNX model made by static quantization of `fp32_path`.
+
+    calibration_batches: (B, 3, S, S) float32 ImageNet-normalised normal (training) images;
+    a few dozen suffice. QDQ format, weights int8 per output channel, activations uint8 per
+    tensor. Only the network's convolutions are quantized, less the stems (stem_nodes); the
+    map head (cosine, resize, blur, max) stays float32: the score is the max of a map of
+    small distances. method: "minmax" (default), "percentile" or "entropy"; on the tiny
+    model minmax and percentile came out alike (score error 4.7e-3 vs 5.2e-3).
+    The model's metadata (calibration, image size) is kept.
+    """
+    onnx = _require("onnx", "int8 quantization")
+    q = _require("onnxruntime.quantization", "int8 quantization")
+    methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
+               "entropy": q.CalibrationMethod.Entropy}
+    if method not in methods:
+        raise ValueError(f"calibration method {method!r} is not one of {', '.join(methods)}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="recontrast_q_") as tmp:
+        # Shape inference + ORT's graph optimisations first (the quantizer warns without it).
+        prepped = Path(tmp) / "prepped.onnx"
+        q.quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+        model = onnx.load(str(prepped))
+        name = model.graph.input[0].name
+
+        class Batches(q.CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter(calibration_batches)
+
+            def get_next(self):
+                batch = next(self.batches, None)
+                return None if batch is None else {name: np.ascontiguousarray(batch, np.float32)}
+
+        q.quantize_static(
+            str(prepped), str(out_path), Batches(),
+            quant_format=q.QuantFormat.QDQ, per_channel=True,
+            # u8 activations / s8 weights: ORT's x86 default, exact on VNNI CPUs; AVX2-only
+            # CPUs can saturate u8 x s8 products (ORT documents reduce_range for those)
+            activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=float_nodes(model),
+            calibrate_method=methods[method],
+        )
+    return out_path
+
+
+# --- OpenVINO ------------------------------------------------------------------------------
+
+def convert_openvino(onnx_path: str | Path, out_xml: str | Path,
+                     int8_calibration: Iterable[np.ndarray] | None = None) -> Path:
+    """Returns `out_xml`, the OpenVINO IR (.xml + .bin) of the ONNX model at `onnx_path`.
+
+    fp32 weights (compress_to_fp16=False: fp16 weights would move small distances). An int8
+    ONNX model (quantize_onnx_int8) converts to an int8 IR: OpenVINO reads its QDQ pairs as
+    FakeQuantize and runs those convolutions in int8. int8_calibration ((B, 3, S, S) normal
+    batches) does that quantization on the way. The ONNX metadata (calibration, image size)
+    lands in the IR's rt_info["framework"], where Session reads it.
+    """
+    ov = _require("openvino", "OpenVINO conversion")
+    out_xml = Path(out_xml).with_suffix(".xml")
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="recontrast_ov_") as tmp:
+        if int8_calibration is not None:
+            # One int8 recipe for both runtimes. NNCF (nncf.quantize) works too, but measured
+            # less close to PyTorch on the tiny model (score error 7.3e-3 vs 5.2e-3), takes 3x
+            # as long and is a heavy dependency.
+            onnx_path = quantize_onnx_int8(onnx_path, Path(tmp) / "int8.onnx", int8_calibration)
+        model = ov.convert_model(str(onnx_path))
+        ov.save_model(model, str(out_xml), compress_to_fp16=False)
+    return out_xml
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+class Session:
+    """An exported graph loaded in ONNX Runtime or OpenVINO: `.run(x) -> (maps, scores)`.
+
+    path: .onnx for "onnx"; .xml (IR) or .onnx for "openvino". threads: intra-op threads
+    (None: the runtime's default, all cores). "torch" is the checkpoint itself: infer.Detector.
+    """
+
+    def __init__(self, path: str | Path, runtime: str, threads: int | None = None):
+        self.path, self.runtime, self.threads = Path(path), check_runtime(runtime), threads
+        if runtime == "torch":
+            raise ValueError("runtime 'torch' runs the checkpoint in PyTorch (infer.Detector); "
+                             f"Session loads exported graphs: {', '.join(RUNTIMES[1:])}")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no exported model at {self.path}")
+        if runtime == "onnx" and self.path.suffix != ".onnx":
+            raise ValueError(f"the onnx runtime loads .onnx files, not {self.path.name}")
+        self.metadata: dict[str, str] = {}  # the export's "recontrast.*" entries (calibration)
+        self._run = self._onnx() if runtime == "onnx" else self._openvino()
+        size = self.metadata.get("recontrast.image_size")
+        self.image_size = int(size) if size else None  # the maps are drawn at this size
+
+    def _onnx(self):
+        ort = _require("onnxruntime", "the onnx runtime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(self.threads or 0)  # 0: one per physical core
+        opts.inter_op_num_threads = 1  # the graph is a chain: no parallel branches worth threads
+        sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        outs = _outputs([o.name for o in sess.get_outputs()])
+        meta = sess.get_modelmeta().custom_metadata_map
+        self.metadata = {k: v for k, v in meta.items() if k.startswith("recontrast.")}
+        return lambda x: sess.run(outs, {name: x})
+
+    def _openvino(self):
+        ov = _require("openvino", "the openvino runtime")
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        if model.has_rt_info("framework"):  # the ONNX metadata, from an .onnx or an IR
+            info = model.get_rt_info("framework").astype(dict)
+            self.metadata = {k: v.astype(str) for k, v in info.items() if k.startswith("recontrast.")}
+        # f32 precision: on CPUs with bf16 (AVX512-BF16, AMX) OpenVINO would otherwise run
+        # in bf16, 3 significant digits, far from the PyTorch maps.
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        compiled = core.compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        names = [o.get_any_name() for o in compiled.outputs]
+        outs = [compiled.outputs[names.index(n)] for n in _outputs(names)]
+
+        def run(x):
+            result = request.infer({0: x})
+            # copies: the request reuses its output buffers on the next call
+            return [np.array(result[o], copy=True) for o in outs]
+        return run
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns raw maps (B, 1, S, S) and scores (B,), float32, for a (B, 3, S, S) batch."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        s = self.image_size or (x.shape[-1] if x.ndim == 4 else "S")
+        if x.ndim != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"expected a (B, 3, {s}, {s}) ImageNet-normalised batch, got {x.shape}")
+        maps, scores = self._run(x)
+        return maps.astype(np.float32, copy=False), scores.astype(np.float32, copy=False).reshape(-1)
+
+
+def _outputs(names: list[str]) -> list[str]:
+    """Returns the names of the map and score outputs, by name, else the first two."""
+    return ["anomaly_map", "score"] if {"anomaly_map", "score"} <= set(names) else names[:2]
+
+
+__all__ = ["RUNTIMES", "RuntimeMissing", "Session", "check_runtime", "convert_openvino",
+           "quantize_onnx_int8", "float_nodes"]

@@ -1,0 +1,187 @@
+"""What docs/mlflow_ui.md (and its screenshot) shows, checked through a real `mlflow ui` on
+loopback over a tiny study: the parent run holds the study-level metrics and no variant of
+its own, its children hold variant, category and study tags and the switches as params, and
+the filter strings the page gives select what it says."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import empty_store, one_thread
+from recontrast import batch, pipeline, study_results
+from recontrast.batch import PairResult
+from recontrast.config import load_config
+
+STUDY = "ui_mini"
+EXPERIMENT = "ui_test"
+
+
+def train_here(job) -> PairResult:
+    """An executor that trains and evaluates the pair in this process (what notebooks 02 and
+    03 do through papermill), nested under the study's parent run."""
+    cfg = load_config(job.config, [*job.overrides, f"data.category={job.category}",
+                                   f"train.out={Path(job.folder) / 'train'}", f"tracking.study={job.study}",
+                                   f"tracking.ablation={job.variant}"])
+    with one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two iterations do not converge, and say so
+        _, _, run_id = pipeline.run_training(cfg, run_name=f"{job.variant}-{job.category}",
+                                             parent_run_id=job.parent_run_id)
+    return PairResult(job.variant, job.category, "done", run_id, "", 0.0, job.folder)
+
+
+@pytest.fixture(scope="module")
+def study(synthetic_root, tmp_path_factory):
+    """A two-variant study on synthetic weave, logged to its own store: (uri, report)."""
+    folder = tmp_path_factory.mktemp("ui_study")
+    uri = empty_store(tmp_path_factory, folder / "mlruns")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri, _run_study(synthetic_root, folder)
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def _run_study(synthetic_root: Path, folder: Path):
+    path = folder / "ui_mini.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"root": str(synthetic_root), "image_size": 64, "val_fraction": 0.25},
+        "model": {"backbone": "resnet18", "pretrained": "none"},
+        "train": {"iters": 2, "batch_size": 2, "threads": 1, "checkpoint_every": 0, "log_every": 1},
+        "eval": {"figures": False, "gif": False},
+        "tracking": {"experiment": EXPERIMENT},
+        "study": {"name": STUDY, "categories": ["weave"],
+                  "variants": {"full": {}, "no_da": {"model.domain_adaptation": False}}},
+    }))
+    report = batch.run_study(path, runs_dir=folder / "runs", executor=train_here, register="full")
+    assert report.ok
+    return report
+
+
+@pytest.fixture(scope="module")
+def ui(study):
+    """Returns the base URL of `mlflow ui` serving the study's store on 127.0.0.1."""
+    uri, _ = study
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow ui did not start: {proc.stderr.read()[-2000:] if proc.poll() else 'timeout'}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def api(base: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    """Returns the JSON answer of the MLflow REST API (POST with `body`, else GET with `query`)."""
+    url = f"{base}/api/2.0/mlflow/{endpoint}"
+    if body is None:
+        request = urllib.request.Request(f"{url}?{urllib.parse.urlencode(query)}")
+    else:
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def search(base: str, filter_string: str) -> list[dict]:
+    """Returns the runs of the study's experiment that `filter_string` selects (as the UI's search box)."""
+    exp = api(base, "experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]["experiment_id"]
+    return api(base, "runs/search", {"experiment_ids": [exp], "filter": filter_string, "max_results": 100}).get("runs", [])
+
+
+def fields(run: dict, kind: str) -> dict[str, object]:
+    return {item["key"]: item["value"] for item in run["data"].get(kind, [])}
+
+
+def test_the_parent_run_holds_the_study_metrics_and_no_variant_of_its_own(ui, study):
+    _, report = study
+    parents = search(ui, f"tags.recontrast_role = 'study' and tags.study = '{STUDY}'")
+    assert [p["info"]["run_id"] for p in parents] == [report.parent_run_id]
+    parent = parents[0]
+    tags, params, metrics = fields(parent, "tags"), fields(parent, "params"), fields(parent, "metrics")
+    assert parent["info"]["run_name"] == f"study:{STUDY}" and parent["info"]["status"] == "FINISHED"
+    assert "variant" not in tags and "ablation" not in tags and tags["variants"] == "full,no_da"
+    # No params of a variant (the switch it flips, its name, its category): the children hold those.
+    assert not {"model.domain_adaptation", "tracking.ablation", "data.category"} & set(params)
+    assert params["train.iters"] == "2" and params["model.backbone"] == "resnet18"
+
+    children = {fields(r, "tags")["variant"]: fields(r, "metrics") for r in
+                search(ui, f"tags.mlflow.parentRunId = '{report.parent_run_id}'")}
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        for variant in ("full", "no_da"):
+            assert metrics[f"{variant}/{metric}_mean"] == pytest.approx(children[variant][metric])
+        delta = children["no_da"][metric] - children["full"][metric]
+        assert metrics[f"no_da/{metric}_delta"] == pytest.approx(delta)
+        assert f"full/{metric}_delta" not in metrics  # the baseline's delta is 0 by definition
+        # The chart view's delta/<metric> charts: one bar per variant, the baseline's at 0.
+        assert (children["full"][f"delta/{metric}"], children["no_da"][f"delta/{metric}"]) == pytest.approx((0.0, delta))
+
+
+def test_the_children_carry_variant_category_study_tags_and_the_switches_as_params(ui, study):
+    _, report = study
+    children = search(ui, f"tags.mlflow.parentRunId = '{report.parent_run_id}'")
+    assert len(children) == 2
+    for child in children:
+        tags, params = fields(child, "tags"), fields(child, "params")
+        assert (tags["category"], tags["study"]) == ("weave", STUDY)
+        assert params["model.domain_adaptation"] == str(tags["variant"] == "full")
+        assert child["info"]["run_name"] == f"{tags['variant']}-weave"
+        assert {d["dataset"]["name"] for d in child["inputs"]["dataset_inputs"]} == {
+            "weave/train", "weave/val", "weave/test"}
+        assert child["outputs"]["model_outputs"]  # the logged MLflow model 'detector'
+
+
+def test_the_filter_strings_of_the_ui_page_select_what_they_say(ui, study):
+    """The strings docs/mlflow_ui.md tells a reader to type into the UI's search box."""
+    _, report = study
+    names = lambda runs: sorted(r["info"]["run_name"] for r in runs)  # noqa: E731
+    assert names(search(ui, f"tags.study = '{STUDY}'")) == ["full-weave", "no_da-weave", f"study:{STUDY}"]
+    assert names(search(ui, f"tags.study = '{STUDY}' and tags.variant = 'no_da'")) == ["no_da-weave"]
+    assert names(search(ui, "params.model.domain_adaptation = 'False'")) == ["no_da-weave"]
+    assert names(search(ui, f"tags.study = '{STUDY}' and tags.category = 'weave'")) == ["full-weave", "no_da-weave"]
+    assert names(search(ui, "tags.recontrast_role = 'study'")) == [f"study:{STUDY}"]
+    assert names(search(ui, "metrics.`no_da/image_auroc_mean` > -1")) == [f"study:{STUDY}"]
+    summary = study_results.study_summary_metrics(study_results.study_results(STUDY, EXPERIMENT, study[0]))
+    assert set(summary) == {k for k in fields(search(ui, "tags.recontrast_role = 'study'")[0], "metrics")
+                            if "/" in k and not k.startswith("system/")}
+
+
+def test_the_study_option_registers_the_full_variants_model_per_category(ui, study):
+    _, report = study
+    full = next(r for r in report.results if r.variant == "full")
+    versions = api(ui, "model-versions/search", filter="name = 'weave'")["model_versions"]
+    assert [(v["version"], v["run_id"]) for v in versions] == [("1", full.run_id)]
+    assert {t["key"]: t["value"] for t in versions[0]["tags"]} == {"category": "weave", "variant": "full",
+                                                                   "study": STUDY}
