@@ -19,18 +19,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from recontrast import tracking
+from recontrast import mlflow_model, tracking
 from recontrast.checkpoint import final_checkpoint
-from recontrast.config import Config, load_config
+from recontrast.config import Config, ConfigError, load_config
 from recontrast.health import NOT_CONVERGED
 from recontrast.locks import folder_lock
-from recontrast.mlflow_store import RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry
+from recontrast.mlflow_store import (RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry,
+                                     tracking_uri)
+from recontrast.ray_executor import RayOptions, import_ray, run_pairs
 from recontrast.runtime import project_root
 from recontrast.study import Job, Study, load_study, plan, study_status
+from recontrast.study_results import log_study_metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +126,13 @@ def execute_pair(job: Job) -> PairResult:
             if name == NOTEBOOKS[1]:  # known once training ended (best.ckpt with train.select=proxy)
                 params.update(run_id=run_id or "", checkpoint=str(final_checkpoint(train_out)))
             try:
-                pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=params,
-                                    kernel_name=kernel, cwd=str(root), progress_bar=False,
-                                    start_timeout=300, report_mode=False)
+                # The kernel's printed lines reach this console, prefixed with the pair, so a
+                # long batch shows which pair is at which iteration.
+                out = PrefixedLines(f"[{job.variant}/{job.category}] ", sys.stdout)
+                with _notebook_named(folder / name):
+                    pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=params,
+                                        kernel_name=kernel, cwd=str(root), progress_bar=False,
+                                        start_timeout=300, report_mode=False, stdout_file=out, stderr_file=out)
             finally:
                 run_id = read_run_id(train_out) or run_id
                 if run_id and (folder / name).is_file():
@@ -139,6 +146,21 @@ def execute_pair(job: Job) -> PairResult:
                       health=_run_health(job.uri, run_id))
 
 
+@contextlib.contextmanager
+def _notebook_named(path: Path):
+    """Names the notebook to MLflow's run context in the kernel started in the block: the
+    kernel inherits $IPYNB_FILE, which gives its runs mlflow.source.name = the notebook."""
+    before = os.environ.get("IPYNB_FILE")
+    os.environ["IPYNB_FILE"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("IPYNB_FILE", None)
+        else:
+            os.environ["IPYNB_FILE"] = before
+
+
 def _run_health(uri: str, run_id: str | None) -> str:
     """Returns the run's health tag ('ok', 'not_converged', ...; '' when unknown)."""
     if not run_id:
@@ -148,6 +170,25 @@ def _run_health(uri: str, run_id: str | None) -> str:
     except Exception as err:  # the pair finished; its health is extra information
         log.warning("could not read the health of run %s: %s", run_id, err)
         return ""
+
+
+class PrefixedLines:
+    """A text stream that writes each complete line to `target` behind `prefix`."""
+
+    def __init__(self, prefix: str, target):
+        self.prefix, self.target, self._partial = prefix, target, ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text.replace("\r", "\n")).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self.target.write(f"{self.prefix}{line}\n")
+        self.target.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
 
 
 def _log_notebook(uri: str, run_id: str, path: Path) -> None:
@@ -197,25 +238,36 @@ def _gpu_ids() -> list[str]:
 def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jobs: int = 1,
               force: bool = False, overrides: Sequence[str] | None = None,
               variants: Sequence[str] | None = None, *, name: str | None = None,
-              runs_dir: str | Path | None = None,
-              executor: Callable[[Job], PairResult] | None = None) -> StudyReport:
+              runs_dir: str | Path | None = None, register: str | None = None,
+              executor: Callable[[Job], PairResult] | None = None,
+              ray: RayOptions | None = None) -> StudyReport:
     """Returns the report of running a study file's (variant, category) pairs through
     notebooks 02 and 03; `report.ok` is False when a pair failed (the others still ran).
+    The parent run gets the study-level metrics (study_results.log_study_metrics).
 
-    `name` renames the study (tags, folders); `executor` replaces execute_pair (tests).
+    `name` renames the study (tags, folders); `register` names a variant whose models are
+    registered, one registered model per category (`models:/<category>/<version>`);
+    `executor` replaces execute_pair (tests); `ray` runs each pair as a Ray task
+    (recontrast.ray_executor) instead of a local process.
     One batch runs a study at a time: a second one, started while the first runs, refuses at
     once naming the first (it would train the same pairs into the same folders).
     """
+    if ray is not None:
+        import_ray()  # a missing extra stops here, before any folder or run exists
     spec = load_study(study)
     if name:
         spec.name = name
     todo = plan(spec, categories, variants, overrides, runs_dir)
+    if register and register not in spec.variants:
+        raise ConfigError(f"cannot register the models of variant '{register}': study '{spec.name}' has the "
+                          f"variants {', '.join(spec.variants)}")
     folder = (Path(runs_dir) if runs_dir else project_root() / "experiments" / "runs") / spec.name
     with folder_lock(folder, f"study '{spec.name}', folder", fix="stop it first (a rerun skips the pairs it finished)"):
-        return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair)
+        return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair, register, ray)
 
 
-def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides, executor) -> StudyReport:
+def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides, executor,
+                 register: str | None = None, ray: RayOptions | None = None) -> StudyReport:
     """Returns run_study's report; the caller holds the study folder's lock."""
     report = StudyReport(spec.name)
     base = load_config(spec.path, [*(overrides or []), f"tracking.study={spec.name}"])
@@ -233,10 +285,13 @@ def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides
             pending.append(job)
         print(f"study {spec.name}: {len(pending)} pair(s) to run, {len(todo) - len(pending)} finished earlier",
               flush=True)
-        report.results += _run_jobs(pending, jobs, executor)
+        report.results += _run_on_ray(pending, jobs, executor, ray) if ray else _run_jobs(pending, jobs, executor)
         if parent is not None:
             parent.set_tags({"pairs_failed": len(report.failed),
                              "pairs_done": sum(r.status != "failed" for r in report.results)})
+            _log_study_metrics(spec, base, parent.run_id)
+            if register:
+                _register(report, register, tracking_uri(base))
     print(report.summary(), flush=True)
     for r in report.failed:
         print(f"FAILED {r.variant}/{r.category}: {r.error} (notebooks in {r.folder})", flush=True)
@@ -292,8 +347,57 @@ def _run_jobs(pending: list[Job], jobs: int, executor) -> list[PairResult]:
                 results.append(PairResult(job.variant, job.category, "failed", None, _describe(err), 0.0, job.folder))
             _mark_done(job, results[-1])
             print(f"{job.variant}/{job.category}: {results[-1].status} ({results[-1].seconds:.0f}s)", flush=True)
+    return _in_plan_order(pending, results)
+
+
+def _run_on_ray(pending: list[Job], jobs: int, executor, options: RayOptions) -> list[PairResult]:
+    """Returns the pairs' results, each run as a Ray task (a local instance: `jobs` at once)."""
+    for job in pending:
+        _mark_started(job)
+    results = []
+    for job, outcome in run_pairs(pending, executor, options, local_pairs=jobs):
+        if not isinstance(outcome, PairResult):  # the task failed or its worker died: a one-line reason
+            outcome = PairResult(job.variant, job.category, "failed", read_run_id(Path(job.folder) / "train"),
+                                 outcome, 0.0, job.folder)
+        results.append(outcome)
+        _mark_done(job, outcome)
+        print(f"{job.variant}/{job.category}: {outcome.status} ({outcome.seconds:.0f}s)", flush=True)
+    return _in_plan_order(pending, results)
+
+
+def _in_plan_order(pending: list[Job], results: list[PairResult]) -> list[PairResult]:
     order = {(j.variant, j.category): i for i, j in enumerate(pending)}
     return sorted(results, key=lambda r: order[(r.variant, r.category)])
+
+
+def _log_study_metrics(spec: Study, base: Config, parent_run_id: str) -> None:
+    """Logs the means and deltas per variant to the parent run (the MLflow UI charts them)."""
+    baseline = "full" if "full" in spec.variants else next(iter(spec.variants))
+    try:
+        summary = log_study_metrics(spec.name, parent_run_id, base.tracking.experiment, tracking_uri(base), baseline)
+        print(f"study {spec.name}: {len(summary)} study metrics logged to the parent run {parent_run_id}", flush=True)
+    except Exception as err:  # the pairs' runs hold the results; the summary can be logged again
+        log.warning("could not log the study metrics to run %s: %s", parent_run_id, err)
+
+
+def _register(report: StudyReport, variant: str, uri: str) -> None:
+    """Registers the model of each pair of `variant` under its category's name."""
+    for r in report.results:
+        if r.variant != variant or r.status == "failed" or not r.run_id:
+            continue
+        try:
+            version = mlflow_model.register(r.run_id, r.category, uri=uri)
+            print(f"registered {r.variant}/{r.category}: models:/{version.name}/{version.version}", flush=True)
+        except Exception as err:
+            log.warning("could not register the model of %s/%s (run %s): %s", r.variant, r.category, r.run_id, err)
+
+
+def study_params(base: Config, spec: Study) -> dict[str, Any]:
+    """Returns the parent run's params: the config all pairs share, less the keys a variant
+    sets (its children carry those) and each pair's own (category, run folder, variant)."""
+    varied = {o.split("=", 1)[0] for overrides in spec.variants.values() for o in overrides}
+    own = {"tracking.ablation", "tracking.run_name", "data.category", "train.out"}
+    return {k: v for k, v in base.flatten().items() if k not in varied | own}
 
 
 def _parent_run(base: Config, spec: Study, todo: list[Job]):
@@ -306,11 +410,13 @@ def _parent_run(base: Config, spec: Study, todo: list[Job]):
     found = retry(client.search_runs, [exp], f"tags.recontrast_role = 'study' and tags.study = '{spec.name}'",
                            max_results=1, order_by=["attributes.start_time DESC"])
     earlier = found[0].data.tags if found else {}  # a rerun of some pairs keeps the others listed
-    tags = {"recontrast_role": "study", "study_file": str(spec.path), "category": "(study)"}
+    # No variant of its own: the base config's variant would read as one of the study's.
+    tags = {"recontrast_role": "study", "study_file": str(spec.path), "category": "(study)",
+            "variant": None, "ablation": None}
     for key, names in (("variants", [*spec.variants, *(j.variant for j in todo)]),
                        ("categories", [j.category for j in todo])):
         tags[key] = ",".join(dict.fromkeys([*filter(None, earlier.get(key, "").split(",")), *names]))
-    return tracking.start_run(base, run_name=f"study:{spec.name}", tags=tags,
+    return tracking.start_run(base, run_name=f"study:{spec.name}", tags=tags, params=study_params(base, spec),
                               run_id=found[0].info.run_id if found else None)
 
 

@@ -77,7 +77,7 @@ def config_changes(stored: dict[str, Any], cfg) -> list[str]:
     (run length, logging, output, device, evaluation and tracking may change on resume)."""
     old = {f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}
     free = ("train.iters", "train.out", "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.device", "train.threads", "train.divergence_window", "eval.", "tracking.")
+            "train.device", "train.threads", "train.sync_bn", "train.divergence_window", "eval.", "tracking.")
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
             if not k.startswith(free) and old.get(k) != v]
 

@@ -1,4 +1,4 @@
-"""The `recontrast` command: synth, train, evaluate, predict, export, batch, runs, demo.
+"""The `recontrast` command: synth, train, evaluate, predict, export, batch, register, runs, demo.
 
 Each subcommand parses its flags and calls one library function; no method logic lives here.
 Heavy imports happen inside the handlers so `recontrast --help` stays fast.
@@ -107,7 +107,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from recontrast.infer import main_predict
 
-    rows = main_predict(args.checkpoint, args.inputs, out=args.out, threshold=args.threshold)
+    rows = main_predict(args.checkpoint, args.inputs, out=args.out, threshold=args.threshold,
+                        runtime=args.runtime, int8=args.int8, model_path=args.model, threads=args.threads,
+                        data_root=args.data)
     if not any(not r.get("error") for r in rows):  # a script must see that nothing was scored
         sys.exit(f"recontrast predict: none of the {len(rows)} input image(s) could be read, nothing was "
                  f"scored (reasons in {Path(args.out) / 'predictions.csv'})")
@@ -116,18 +118,34 @@ def _predict(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from recontrast.export import export
 
-    path = export(args.checkpoint, out=args.out, fmt=args.format, image_size=args.image_size)
-    print(f"exported {args.format} model to {path}")
+    runtime = args.runtime or args.format or "onnx"
+    if args.format and args.runtime and args.format != args.runtime:
+        raise ValueError(f"--format {args.format} (the former name of --runtime onnx) contradicts --runtime {args.runtime}")
+    path = export(args.checkpoint, out=args.out, image_size=args.image_size, runtime=runtime, int8=args.int8,
+                  calibration_images=args.calibration_images, data_root=args.data)
+    print(f"exported the {runtime}{' int8' if args.int8 else ''} model to {path}")
 
 
 def _batch(args: argparse.Namespace) -> None:
     from recontrast.batch import run_study
+    from recontrast.ray_executor import RayOptions
 
+    if args.executor != "ray" and (args.address or args.cpus_per_pair or args.gpus_per_pair is not None):
+        raise ConfigError("--address, --cpus-per-pair and --gpus-per-pair need --executor ray")
+    ray = RayOptions(args.address, args.cpus_per_pair, args.gpus_per_pair, args.max_retries) \
+        if args.executor == "ray" else None
     report = run_study(
         args.study, categories=args.categories, jobs=args.jobs, force=args.force,
-        overrides=args.set, variants=args.variants,
+        overrides=args.set, variants=args.variants, register=args.register, ray=ray,
     )
     sys.exit(0 if report.ok else 1)
+
+
+def _register(args: argparse.Namespace) -> None:
+    from recontrast.mlflow_model import register
+
+    version = register(args.run, args.name)
+    print(f"registered run {args.run}'s model as models:/{version.name}/{version.version}")
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -187,11 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="preds")
     p.add_argument("--threshold", type=THRESHOLD, default="normal",
                    help="'normal' (from good images only), 'f1' or a number")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "openvino"],
+                   help="what runs the model: PyTorch, ONNX Runtime or OpenVINO (CPU; the model is "
+                        "exported beside the checkpoint on first use)")
+    p.add_argument("--int8", action="store_true",
+                   help="the int8 model (onnx/openvino), calibrated on the checkpoint's training images")
+    p.add_argument("--model", default=None, help="an exported model to run (from `recontrast export`)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="onnx/openvino threads (default: all cores)")
+    p.add_argument("--data", default=None, help="dataset root of the int8 calibration images (default: the checkpoint's)")
 
     p = add("export", _export, "export the inference graph (image -> map + score)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", default=None)
+    p.add_argument("--runtime", default=None, choices=["onnx", "openvino"],
+                   help="onnx: an .onnx file (ONNX Runtime); openvino: an OpenVINO IR (.xml + .bin)")
+    p.add_argument("--format", default=None, choices=["onnx"], help="the former name of --runtime onnx")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 quantization, calibrated on the checkpoint's normal training images")
+    p.add_argument("--calibration-images", type=POSITIVE, default=64,
+                   help="training images the int8 calibration uses (evenly spread)")
+    p.add_argument("--data", default=None, help="dataset root of those images (default: the checkpoint's)")
+    p.add_argument("--out", default=None,
+                   help="file to write (default beside the checkpoint: last.onnx, last.int8.onnx, last.xml, ...)")
     p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
                    help="default: the size the checkpoint was calibrated (or trained) at")
 
@@ -201,7 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--jobs", type=POSITIVE, default=1)
     p.add_argument("--force", action="store_true", help="redo finished (variant, category) pairs")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: processes on this machine (--jobs at once); ray: one Ray task per pair "
+                        "(pip install -e '.[cluster]'; docs/scaling.md)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto': the one `ray start` runs here; host:port); "
+                        "default: a local Ray instance with the CPUs of --jobs pairs")
+    p.add_argument("--cpus-per-pair", type=float, default=None,
+                   help="Ray CPUs per pair (default: the study's study.resources.cpus, else 1)")
+    p.add_argument("--gpus-per-pair", type=float, default=None,
+                   help="Ray GPUs per pair (default: study.resources.gpus, else 1 where the cluster has GPUs)")
+    p.add_argument("--max-retries", type=int, default=1,
+                   help="Ray's retries of a pair whose worker died (it resumes from its checkpoint)")
+    p.add_argument("--register", default=None, metavar="VARIANT",
+                   help="register this variant's models, one registered model per category")
     overrides(p)
+
+    p = add("register", _register, "register a run's MLflow model (models:/<name>/<version>)")
+    p.add_argument("--run", required=True, help="the MLflow run id (of an evaluated training run)")
+    p.add_argument("--name", required=True, help="the registered model's name, e.g. the category")
 
     p = add("runs", _runs, "maintain the MLflow store")
     p.add_argument("--fix-stale", action="store_true", required=True,

@@ -31,9 +31,9 @@ class DataConfig:
     skip_bad_images: bool = False
     # Fraction of train/good held out to choose a threshold from normal images only.
     val_fraction: float = 0.1
-    # Decode and resize every image once and keep the tensors in memory.
+    # Decode and resize every image once and keep the tensors in memory (there is no
+    # data.num_workers: with the tensors cached, loader workers would only add copies).
     cache: bool = True
-    num_workers: int = 0
 
 
 @dataclass
@@ -102,6 +102,11 @@ class TrainConfig:
     reset_every: int = 500
     encoder_pause: int = 99
     drop_last: bool = True
+    # Under torchrun (several processes): BatchNorm statistics over the whole global batch, as
+    # in one process (recontrast/distributed.py). Off, each process normalises its own B/N
+    # images (and both halves' 2B/N in the decoder): noisier statistics, results that change
+    # with the process count. One process ignores it.
+    sync_bn: bool = True
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
     # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
@@ -142,8 +147,11 @@ class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db
     experiment: str = "recontrast"
     run_name: str = ""
-    ablation: str = "full"
+    ablation: str = "full"  # the run's variant in a study (tag `variant`)
     study: str = ""
+    # The MLflow model 'detector' (inference weights) is always logged once a run is evaluated;
+    # this also logs the full checkpoint (optimizer state: ~60 % of it) to resume elsewhere.
+    log_full_checkpoint: bool = False
 
 
 @dataclass

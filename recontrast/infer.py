@@ -1,15 +1,22 @@
-"""Inference on new images: `Detector`, the `recontrast predict` command, ONNX export.
+"""Inference on new images: `Detector` and the `recontrast predict` command, in PyTorch,
+ONNX Runtime or OpenVINO.
 
     det = Detector.load("runs/bottle/last.ckpt")
     pred = det.predict(Image.open("x.png"))  # pred.score > 0.5  <=>  pred.is_anomalous
+    fast = Detector.load("runs/bottle/last.ckpt", runtime="openvino", int8=True)
 
 Scores and maps use the checkpoint's calibration (written by `recontrast evaluate`): one
 fixed scale for every image on which the chosen threshold reads 0.5 (calibration.FORMULA).
 Without a calibration the detector still gives raw scores and raw maps, and says so.
+Every runtime gives the same raw maps and scores (`Detector.raw`), so thresholds, display
+scale and outputs are one code; the exported model is written beside the checkpoint
+(runtimes.model_path) on first use and reused while it matches the weights and calibration.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -23,12 +30,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from recontrast import plots
+from recontrast import plots, runtimes
 from recontrast.anomaly_map import image_score, maps_for, max_map_value
 from recontrast.calibration import pick_threshold, threshold_scale
-from recontrast.config import EvalConfig
-from recontrast.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, decode_image, imagenet_normalise,
-                               resize_rgb)
+from recontrast.checkpoint import load_checkpoint
+from recontrast.config import DataConfig, EvalConfig, from_dict
+from recontrast.data import FolderDataset, MVTecDataset
+from recontrast.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, DataError, decode_image,
+                               imagenet_normalise, resize_rgb)
 from recontrast.model import load_model
 from recontrast.runtime import pick_device
 
@@ -47,6 +56,11 @@ class UnreadableImageWarning(UserWarning):
 
 class CalibrationMismatch(ValueError):
     """A calibration that does not record every setting its thresholds depend on."""
+
+
+class StaleModel(ValueError):
+    """An exported model made from other weights, calibration or scoring settings than the
+    checkpoint's: its scores would not fit the checkpoint's thresholds."""
 
 
 def calibrated_settings(calibration: dict[str, Any], eval_cfg: EvalConfig, source: str) -> tuple[EvalConfig, int]:
@@ -136,12 +150,20 @@ def preprocess(image: Any, image_size: int) -> Tensor:
 # --- the detector --------------------------------------------------------------------------
 
 class Detector:
-    """A trained model plus its calibration: images in, normalised scores and maps out."""
+    """A trained model plus its calibration: images in, normalised scores and maps out.
 
-    def __init__(self, model: nn.Module, image_size: int, eval_cfg: EvalConfig,
+    The model runs in PyTorch (`model`) or exported, in ONNX Runtime or OpenVINO (`session`,
+    a runtimes.Session); either gives raw maps and scores (`raw`) to the same thresholding.
+    """
+
+    def __init__(self, model: nn.Module | None, image_size: int, eval_cfg: EvalConfig,
                  calibration: dict[str, Any] | None = None, threshold: str | float | None = None,
-                 device: str | torch.device = "cpu", source: str = "the checkpoint"):
-        self.model = model.to(device).eval()
+                 device: str | torch.device = "cpu", source: str = "the checkpoint",
+                 session: runtimes.Session | None = None):
+        if (model is None) == (session is None):
+            raise ValueError("a Detector runs either a torch model or an exported model's session: give one")
+        self.model = None if model is None else model.to(device).eval()
+        self.session = session
         self.device = torch.device(device)
         self.image_size, self.eval_cfg = int(image_size), eval_cfg
         self.calibration = dict(calibration or {})
@@ -160,25 +182,88 @@ class Detector:
         else:
             msg = UNCALIBRATED.format(ckpt=source)
             warnings.warn(msg, UserWarning, stacklevel=3)
+        if session is not None:
+            self._check_session(session, source)
+            self.map_max = float(session.metadata.get("recontrast.map_max", 1.0))
 
     @property
     def calibrated(self) -> bool:
         return any(self.calibration.get(k) is not None for k in ("threshold_f1", "threshold_normal"))
 
+    @property
+    def runtime(self) -> str:
+        """Returns what runs the model: "torch", "onnx", "onnx int8", "openvino" or "openvino int8"."""
+        if self.session is None:
+            return "torch"
+        int8 = self.session.metadata.get("recontrast.precision") == "int8"
+        return f"{self.session.runtime} int8" if int8 else self.session.runtime
+
     @classmethod
-    def load(cls, ckpt: str | Path, device: str | torch.device = "cpu",
-             threshold: str | float | None = None) -> Detector:
+    def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", threshold: str | float | None = None,
+             runtime: str = "torch", int8: bool = False, model_path: str | Path | None = None,
+             threads: int | None = None, calibration_images: int = 64,
+             data_root: str | Path | None = None) -> Detector:
         """Returns the Detector of a checkpoint (read with weights_only=True).
 
         threshold: "normal" (quantile of held-out good scores), "f1" (F1-optimal on the
         test set), a raw-score number, or None for the calibration's default.
+        runtime: "torch" (the checkpoint in PyTorch on `device`), "onnx" (ONNX Runtime) or
+        "openvino", on the CPU with `threads` threads (None: all cores); int8 for their
+        statically quantized model. These run `model_path` when given, else the model
+        beside the checkpoint (runtimes.model_path: last.onnx, last.int8.xml, ...), exported
+        first when it is missing or was made from other weights or calibration; int8
+        calibrates on `calibration_images` of the checkpoint's training images, found under
+        `data_root` (default: the checkpoint's data.root).
         """
-        model, cfg, state = load_model(ckpt, device)
-        return cls(model, cfg.data.image_size, cfg.eval, state.get("calibration"), threshold,
-                   device, source=str(ckpt))
+        if runtimes.check_runtime(runtime) == "torch":
+            if int8 or model_path is not None:
+                raise ValueError("int8 and model_path apply to exported models: runtime 'onnx' or 'openvino'")
+            model, cfg, state = load_model(ckpt, device)
+            return cls(model, cfg.data.image_size, cfg.eval, state.get("calibration"), threshold,
+                       device, source=str(ckpt))
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the {runtime} runtime runs on the CPU, not {device}; use runtime 'torch' there")
+        runtimes.require_packages(runtime, int8, write=False)  # before any loading
+        state = load_checkpoint(ckpt)
+        cfg, calibration = from_dict(state["config"]), state.get("calibration") or {}
+        session = exported_session(ckpt, model_id(state["model"], calibration), cfg.data, runtime, int8,
+                                   model_path, threads, calibration_images, data_root)
+        del state  # the weights live in the session now
+        return cls(None, cfg.data.image_size, cfg.eval, calibration, threshold, source=str(ckpt), session=session)
+
+    def _check_session(self, session: runtimes.Session, source: str) -> None:
+        """Raises StaleModel when the exported model scores at another size or with other
+        settings than this detector (its scores would not fit the thresholds)."""
+        stored = json.loads(session.metadata.get("recontrast.eval", "{}"))
+        differ = [k for k in SCORE_SETTINGS if k not in stored or
+                  (tuple(stored[k]) if k == "level_weights" else stored[k]) != getattr(self.eval_cfg, k)]
+        if session.image_size != self.image_size:
+            differ.append(f"image size {session.image_size} (not {self.image_size})")
+        if differ:
+            raise StaleModel(f"the exported model {session.path} scores with other settings than {source} "
+                             f"({', '.join(differ)}); export it again: recontrast export --checkpoint {source} "
+                             f"--runtime {session.runtime} --out {session.path}")
+
+    def export(self, out: str | Path, runtime: str = "onnx",
+               int8_batches: Sequence[np.ndarray] | None = None) -> Path:
+        """Returns `out`, this detector's torch model written for `runtime` (runtimes.write_model:
+        fp32, or int8 calibrated on `int8_batches`), scoring as the detector does, with its
+        calibration and the weights' model_id in the file's metadata."""
+        if self.model is None:
+            raise ValueError(f"this detector runs an exported {self.runtime} model; export from the checkpoint")
+        graph = runtimes.InferenceGraph(self.model, self.eval_cfg, self.image_size)
+        metadata = {"recontrast.calibration": json.dumps(self.calibration),
+                    "recontrast.model_id": model_id(self.model.state_dict(), self.calibration),
+                    "recontrast.normalisation": "ImageNet mean/std on RGB in [0, 1]"}
+        if int8_batches is not None:
+            metadata["recontrast.int8_calibration"] = f"{sum(len(b) for b in int8_batches)} normal images"
+        return runtimes.write_model(graph, out, runtime, int8_batches, metadata)
 
     def raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns raw (B, 1, S, S) maps and (B,) scores for a preprocessed (B, 3, S, S) batch."""
+        if self.session is not None:
+            maps, scores = self.session.run(x.detach().float().cpu().numpy())
+            return torch.from_numpy(maps), torch.from_numpy(scores)
         e = self.eval_cfg
         pairs_of = getattr(self.model, "anomaly_pairs", self.model)
         with torch.inference_mode():
@@ -211,6 +296,78 @@ class Detector:
             for im, m, s in zip(chunk, maps, scores.double().cpu().tolist()):
                 out.append(self._prediction(m, s, str(im) if isinstance(im, (str, Path)) else None))
         return out
+
+
+# --- exported models -----------------------------------------------------------------------
+
+def model_id(weights: dict[str, Tensor], calibration: dict[str, Any]) -> str:
+    """Returns a short hash of the weights (values, whatever their memory layout) and of the
+    calibration: an exported model with another id was made from another model."""
+    h = hashlib.sha256(json.dumps(calibration, sort_keys=True, default=str).encode())
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def normal_batches(data_cfg: DataConfig, image_size: int, n: int = 64, data_root: str | Path | None = None,
+                   batch_size: int = 8) -> list[np.ndarray]:
+    """Returns up to `n` training (normal) images, evenly spread over the training split, as
+    (B, 3, S, S) float32 batches preprocessed as the model's input: int8 calibration data.
+
+    The split is the checkpoint's: data_cfg (its category and format) under `data_root`
+    (default: data_cfg.root).
+    """
+    if n < 1:
+        raise ValueError(f"int8 calibration needs at least one image, got n={n}")
+    root = data_root or data_cfg.root
+    try:
+        if data_cfg.format == "folder":
+            train = FolderDataset(root, "train", image_size)
+        else:
+            train = MVTecDataset(root, data_cfg.category, "train", image_size)
+    except DataError as err:
+        raise DataError(f"int8 calibration reads the model's normal training images: {err}. Point to them "
+                        f"(--data / data_root), or export where they are (recontrast export --int8) and "
+                        f"give that file (--model / model_path)") from err
+    picks = sorted(set(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int).tolist()))
+    images = torch.stack([train[i]["image"] for i in picks]).numpy()
+    return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+
+
+def exported_session(checkpoint: str | Path, wanted_id: str, data_cfg: DataConfig, runtime: str, int8: bool = False,
+                     model_path: str | Path | None = None, threads: int | None = None,
+                     calibration_images: int = 64, data_root: str | Path | None = None) -> runtimes.Session:
+    """Returns the session of the checkpoint's model in `runtime` (see Detector.load).
+
+    model_path, when given, must come from the checkpoint (model id `wanted_id`) or
+    StaleModel is raised; the default file beside the checkpoint is exported again instead.
+    """
+    path = Path(model_path) if model_path is not None else runtimes.model_path(checkpoint, runtime, int8)
+    if model_path is not None or path.is_file():
+        session = runtimes.Session(path, runtime, threads)
+        if session.metadata.get("recontrast.model_id") == wanted_id:
+            return session
+        if model_path is not None:
+            flag = " --int8" if session.metadata.get("recontrast.precision") == "int8" else ""
+            raise StaleModel(f"{path} was not exported from {checkpoint} (other weights or calibration); "
+                             f"export it again: recontrast export --checkpoint {checkpoint} --runtime {runtime}"
+                             f"{flag} --out {path}")
+        del session
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an uncalibrated checkpoint: the caller warns once
+        torch_detector = Detector.load(checkpoint)
+    batches = None
+    if int8:
+        batches = normal_batches(data_cfg, torch_detector.image_size, calibration_images, data_root)
+    try:
+        torch_detector.export(path, runtime, batches)
+    except PermissionError as err:
+        raise PermissionError(f"cannot write the {runtime} model beside the checkpoint ({err}); export it "
+                              f"elsewhere (recontrast export --checkpoint {checkpoint} --runtime {runtime}"
+                              f"{' --int8' if int8 else ''} --out FILE) and give that file (--model FILE)") from err
+    return runtimes.Session(path, runtime, threads)
 
 
 # --- `recontrast predict` ------------------------------------------------------------------
@@ -255,10 +412,13 @@ def _heatmap_name(short: str, used: set[str]) -> str:
 
 
 def main_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path = "preds",
-                 threshold: str = "normal") -> list[dict[str, Any]]:
+                 threshold: str = "normal", runtime: str = "torch", int8: bool = False,
+                 model_path: str | Path | None = None, threads: int | None = None,
+                 data_root: str | Path | None = None) -> list[dict[str, Any]]:
     """Returns one row per input image (path, score, raw_score, anomalous, ..., error) after
     writing a heatmap overlay per image and predictions.csv to `out`; unreadable images are
-    skipped with a warning and an error row."""
+    skipped with a warning and an error row. runtime, int8, model_path, threads, data_root:
+    as Detector.load (the torch runtime on the GPU when there is one)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out '{out}' is a file; predictions (heatmaps and predictions.csv) "
@@ -266,8 +426,9 @@ def main_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str 
     files = collect_images(inputs)
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
-    det = Detector.load(checkpoint, device=pick_device("auto"),
-                        threshold=None if threshold in (None, "") else threshold)
+    device = pick_device("auto") if runtime == "torch" else "cpu"
+    det = Detector.load(checkpoint, device=device, threshold=None if threshold in (None, "") else threshold,
+                        runtime=runtime, int8=int8, model_path=model_path, threads=threads, data_root=data_root)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -325,4 +486,4 @@ def _print_table(rows: list[dict[str, Any]], det: Detector, out: Path) -> None:
     th = ("none (uncalibrated)" if det.threshold is None
           else f"{det.threshold_name} = {det.threshold:.4g} (raw)")
     print(f"{len(rows) - bad} scored, {bad} unreadable; threshold {th}; score 0.5 = threshold; "
-          f"{det.image_size} px; results in {out / 'predictions.csv'}")
+          f"{det.image_size} px; runtime {det.runtime}; results in {out / 'predictions.csv'}")

@@ -155,8 +155,11 @@ def register(run_id: str, name: str, uri: str | None = None, tags: dict[str, Any
 
     client = get_client(uri=uri)
     model_id = find_model(run_id, uri)
+    # The model's own artifact location, not models:/<id>: MLflow would resolve that through its
+    # global tracking URI, which need not be this store's.
+    source = client.get_logged_model(model_id).artifact_location
     for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        if existing.source == f"models:/{model_id}":
+        if existing.source == source:
             return existing
     try:
         retry(client.create_registered_model, name,
@@ -167,5 +170,5 @@ def register(run_id: str, name: str, uri: str | None = None, tags: dict[str, Any
             raise
     run_tags = client.get_run(run_id).data.tags
     version_tags = {k: run_tags[k] for k in ("category", "variant", "study") if run_tags.get(k)}
-    return retry(client.create_model_version, name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
+    return retry(client.create_model_version, name, source, run_id=run_id, model_id=model_id,
                  tags={**version_tags, **{k: str(v) for k, v in (tags or {}).items()}})

@@ -237,7 +237,8 @@ def run_of_folder(client, folder: str | Path) -> str | None:
 
 def checkpoint_of(run_id: str, uri: str | None = None) -> Path:
     """Returns the checkpoint a run trained: its 'checkpoint' tag when that file exists here,
-    else the run's logged checkpoint artifact, downloaded."""
+    else the run's logged checkpoint artifact (tracking.log_full_checkpoint), else the
+    inference weights of its logged MLflow model, downloaded."""
     client = get_client(uri=uri)
     run = client.get_run(run_id)
     tagged = run.data.tags.get("checkpoint") or run.data.tags.get("evaluated_checkpoint")
@@ -246,13 +247,34 @@ def checkpoint_of(run_id: str, uri: str | None = None) -> Path:
     try:
         local = client.download_artifacts(run_id, "checkpoint")
     except Exception as err:
+        weights = _model_weights(client, run)
+        if weights is not None:
+            return weights
         raise FileNotFoundError(
-            f"run {run_id} names no checkpoint on this machine ({tagged or 'no checkpoint tag'}) and "
-            f"has no 'checkpoint' artifact ({err}); pass checkpoint=<path> instead") from None
+            f"run {run_id} names no checkpoint on this machine ({tagged or 'no checkpoint tag'}), "
+            f"has no 'checkpoint' artifact ({err}) and no logged model; pass checkpoint=<path> instead") from None
     found = sorted(Path(local).glob("*.ckpt"))
     if not found:
         raise FileNotFoundError(f"run {run_id}'s 'checkpoint' artifact holds no .ckpt file")
     return found[0]
+
+
+def _model_weights(client, run) -> Path | None:
+    """Returns the checkpoint inside the run's latest logged model (recontrast.mlflow_model:
+    the inference weights), downloaded; None when the run logged no model."""
+    import mlflow
+
+    outputs = run.outputs.model_outputs if run.outputs else []
+    for output in sorted(outputs, key=lambda o: o.step, reverse=True):
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{output.model_id}",
+                                                        tracking_uri=client.tracking_uri)
+        except Exception:
+            continue
+        found = sorted(Path(local).rglob("*.ckpt"))
+        if found:
+            return found[0]
+    return None
 
 
 def find_run(checkpoint: str | Path, uri: str | None = None) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from recontrast.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from recontrast.config import Config, apply_overrides, load_config, validate
 from recontrast.data import Datasets, build_datasets
 from recontrast.defects import ProxyDataset
+from recontrast.distributed import is_main_process
 from recontrast.evaluate import EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
 from recontrast.locks import folder_lock
@@ -90,7 +90,7 @@ def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate
         check_reachable(tracking_uri(cfg))
     data = datasets if datasets is not None else build_datasets(cfg.data)
     # Under torchrun the ranks of one training share the folder: rank 0 holds its lock.
-    owner = os.environ.get("RANK", "0") == "0"
+    owner = is_main_process()
     lock = folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)") \
         if owner else contextlib.nullcontext()
     with lock:
@@ -104,6 +104,8 @@ def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evalua
                   callbacks: Sequence[Callback], run_name: str | None, parent_run_id: str | None,
                   tags: dict[str, Any] | None, log_checkpoint: bool | None):
     """Returns what run_training returns; the caller holds the run folder's lock."""
+    if not is_main_process():  # torchrun: rank 0 alone logs to MLflow, evaluates and writes reports
+        return train(cfg, callbacks=callbacks, resume=resume, datasets=data), None, None
     proxy = proxy_dataset(cfg, data)
     # Test metrics during training only when asked (eval_every); proxy metrics always, at
     # eval_every and at the end: what train.select=proxy and the health check read.
@@ -128,14 +130,15 @@ def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evalua
     with contextlib.ExitStack() as stack:
         def open_run() -> tracking.Run:
             run = stack.enter_context(tracking.start_run(cfg, run_name=run_name, run_id=previous,
-                                                         parent_run_id=parent_run_id, tags=tags))
+                                                         parent_run_id=parent_run_id, tags=tags,
+                                                         log_system_metrics=True))
             try:
                 write_run_id(out, run.run_id)
             except OSError as err:
                 raise CheckpointError(f"cannot write to the run folder {out} ({type(err).__name__}: {err}); "
                                       f"train.out must be a writable folder, not a file") from None
             run.log_text(cfg.to_yaml(), "config.yaml")
-            _log_data(run, data)
+            _log_data(run, data, cfg)
             return run
 
         callback = tracking.MLflowCallback(open_run)
@@ -149,11 +152,12 @@ def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evalua
         _log_loss_curve(run, result, out)
         evaluation = finish(result, run)
         if evaluation is not None:
-            tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, step=result.iterations)
+            tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, uri=run.client.tracking_uri,
+                                    step=result.iterations)
         if evaluate_at_end if log_checkpoint is None else log_checkpoint:
             # After evaluation (calibrated); the folder's lock keeps any other recontrast
             # process from replacing the file since this run wrote it.
-            run.log_artifact(result.checkpoint, "checkpoint")
+            tracking.log_trained_model(run, result.checkpoint, step=result.iterations)
     return result, evaluation, run.run_id
 
 
@@ -171,9 +175,11 @@ def check_health(cfg: Config, result: TrainResult, run: tracking.Run | None) -> 
     return health
 
 
-def _log_data(run: tracking.Run, data: Datasets) -> None:
-    """Logs the image counts and the files skipped as unreadable (data.skip_bad_images)."""
+def _log_data(run: tracking.Run, data: Datasets, cfg: Config) -> None:
+    """Logs the splits as MLflow dataset inputs, the image counts and the files skipped as
+    unreadable (data.skip_bad_images)."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
+    tracking.log_datasets(run, splits, cfg.data.category, cfg.data.root)
     skipped = [entry for d in splits.values() if d is not None for entry in getattr(d, "skipped", [])]
     run.log_metrics({f"data/{name}_images": len(d) for name, d in splits.items() if d is not None}
                     | {"data/skipped_images": len(skipped)})
@@ -211,6 +217,8 @@ def main_train(
         cfg.train.out = str(out)
     result, evaluation, run_id = run_training(cfg, resume=resume, track=track, evaluate_at_end=evaluate,
                                               callbacks=callbacks)
+    if not is_main_process():  # torchrun: rank 0 prints
+        return result
     if evaluation is not None:
         print(evaluation.table())
         print(f"figures and metrics: {evaluation.out_dir}")

@@ -1,24 +1,35 @@
-"""CPU runtimes for the exported inference graph: ONNX Runtime (fp32, int8) and OpenVINO.
+"""CPU runtimes for the inference graph: ONNX Runtime (fp32, int8) and OpenVINO (fp32, int8).
 
-    path = export("last.ckpt")                                        # fp32 ONNX
-    int8 = quantize_onnx_int8(path, "model.int8.onnx", normal_batches)  # static int8
-    xml = convert_openvino(int8, "model.int8.xml")                    # OpenVINO IR
+    graph = InferenceGraph(model, eval_cfg, 256)                        # torch: image -> map, score
+    xml = write_model(graph, "last.int8.xml", "openvino", int8_batches=normal_batches)
     maps, scores = Session(xml, "openvino", threads=4).run(x)          # x: (B, 3, S, S)
 
-The graph is the exported `InferenceGraph`: input "image" (B, 3, S, S) ImageNet-normalised
-float32, outputs "anomaly_map" (B, 1, S, S) and "score" (B,), both raw (uncalibrated).
+write_model is the one way a graph becomes a file: fp32 ONNX first, then (int8_batches)
+static int8 quantization (quantize_onnx_int8), then (openvino) the OpenVINO IR
+(convert_openvino). The graph: input "image" (B, 3, S, S) ImageNet-normalised float32,
+outputs "anomaly_map" (B, 1, S, S) and "score" (B,), both raw (uncalibrated); the caller's
+metadata (calibration, settings) travels in the file. infer.Detector and export.export
+decide what goes in (the checkpoint's weights, scoring settings and calibration).
 onnxruntime, onnx and openvino are optional: they are imported where used, and a missing
 one raises RuntimeMissing naming the extra that installs it.
 """
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import torch
+from torch import Tensor, nn
+
+from recontrast.anomaly_map import image_score, max_map_value, maps_for
+from recontrast.config import EvalConfig
 
 RUNTIMES = ("torch", "onnx", "openvino")
 # package -> the pyproject extra that installs it
@@ -53,6 +64,111 @@ def check_runtime(runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     return runtime
+
+
+# --- the graph and its files ---------------------------------------------------------------
+
+# The file each (runtime, int8) writes beside a checkpoint: last.ckpt -> last.int8.xml, ...
+SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx",
+            ("openvino", False): ".xml", ("openvino", True): ".int8.xml"}
+
+
+class InferenceGraph(nn.Module):
+    """image (B, 3, S, S) ImageNet-normalised -> (anomaly map (B, 1, S, S), raw score (B,))."""
+
+    def __init__(self, model: nn.Module, eval_cfg: EvalConfig, image_size: int):
+        super().__init__()
+        self.model, self.eval_cfg, self.image_size = model.eval(), eval_cfg, image_size
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        e = self.eval_cfg
+        maps = maps_for(self.model(x), (self.image_size, self.image_size), e)
+        return maps, image_score(maps, e.score, e.topk)
+
+    def map_max(self) -> float:
+        """Returns the largest value a map can take (anomaly_map.max_map_value) for the number
+        of pairs the model gives (counted on one small forward)."""
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            n_pairs = len(self.model(torch.zeros(1, 3, 64, 64, device=device)))
+        return max_map_value(n_pairs, self.eval_cfg.combine, self.eval_cfg.level_weights)
+
+
+def model_path(checkpoint: str | Path, runtime: str, int8: bool = False) -> Path:
+    """Returns the file `runtime`'s model of `checkpoint` is written to by default, beside it:
+    last.ckpt -> last.onnx, last.int8.onnx, last.xml (+ last.bin) or last.int8.xml."""
+    if check_runtime(runtime) == "torch":
+        raise ValueError("runtime 'torch' runs the checkpoint itself: there is no file to write")
+    return Path(checkpoint).with_suffix(SUFFIXES[runtime, bool(int8)])
+
+
+def require_packages(runtime: str, int8: bool = False, write: bool = True) -> None:
+    """Raises RuntimeMissing when a package that running `runtime`'s model needs (and with
+    `write`, writing it: onnx, the quantizer for int8) is missing."""
+    if runtime == "openvino":
+        _require("openvino", "the openvino runtime")
+    elif runtime == "onnx" or int8:
+        _require("onnxruntime", "the onnx runtime" if runtime == "onnx" else "int8 quantization")
+    if write:
+        _require("onnx", "export")
+    if write and int8:
+        _require("onnxruntime.quantization", "int8 quantization")
+
+
+def write_model(graph: InferenceGraph, out: str | Path, runtime: str = "onnx",
+                int8_batches: Iterable[np.ndarray] | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Returns `out`, the graph as `runtime`'s model: ONNX (.onnx) or OpenVINO IR (.xml + .bin),
+    fp32, or int8 (static quantization, quantize_onnx_int8) calibrated on `int8_batches`
+    ((B, 3, S, S) float32 normal images, preprocessed as the model's input).
+
+    The file's metadata: `metadata` plus "recontrast.image_size", "recontrast.eval" (the
+    scoring settings), "recontrast.map_max" and "recontrast.precision". Written in a
+    temporary folder beside `out`, then renamed: a reader never sees half a model.
+    """
+    if check_runtime(runtime) == "torch":
+        raise ValueError("runtime 'torch' runs the checkpoint itself: there is no file to write")
+    out = Path(out)
+    if out.suffix != SUFFIXES[runtime, False]:
+        raise ValueError(f"the {runtime} runtime's model is a {SUFFIXES[runtime, False]} file, not {out.name}")
+    require_packages(runtime, int8_batches is not None)  # now, not after minutes of export
+    e = graph.eval_cfg
+    metadata = {**(metadata or {}), "recontrast.image_size": str(graph.image_size),
+                "recontrast.eval": json.dumps(vars(e)), "recontrast.map_max": repr(graph.map_max()),
+                "recontrast.precision": "fp32" if int8_batches is None else "int8"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        onnx_path = write_onnx(graph, Path(tmp) / "model.onnx", metadata)
+        if int8_batches is not None:
+            onnx_path = quantize_onnx_int8(onnx_path, Path(tmp) / "model.int8.onnx", int8_batches)
+        if runtime == "onnx":
+            os.replace(onnx_path, out)
+        else:
+            xml = convert_openvino(onnx_path, Path(tmp) / "ir.xml")
+            os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))  # the .xml names its .bin
+            os.replace(xml, out)
+    return out
+
+
+def write_onnx(graph: InferenceGraph, out: str | Path, metadata: dict[str, str]) -> Path:
+    """Returns `out`, the graph exported to ONNX (opset 17, dynamic batch axis) with `metadata`
+    in its metadata_props."""
+    onnx = _require("onnx", "export")
+    size = graph.image_size
+    dummy = torch.zeros(1, 3, size, size, device=next(graph.parameters()).device)
+    kwargs = dict(input_names=["image"], output_names=["anomaly_map", "score"], opset_version=17,
+                  dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # The dynamo exporter needs onnxscript (not a dependency); the TorchScript one
+        # exports kornia's blur (reflect pad + conv) and timm/torchvision encoders as is.
+        torch.onnx.export(graph.eval(), (dummy,), str(out), dynamo=False, **kwargs)
+    proto = onnx.load(str(out))
+    for key, value in metadata.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(proto, str(out))
+    return Path(out)
 
 
 # --- int8 ----------------------------------------------------------------------------------
@@ -252,5 +368,5 @@ def _outputs(names: list[str]) -> list[str]:
     return ["anomaly_map", "score"] if {"anomaly_map", "score"} <= set(names) else names[:2]
 
 
-__all__ = ["RUNTIMES", "RuntimeMissing", "Session", "check_runtime", "convert_openvino",
-           "quantize_onnx_int8", "float_nodes"]
+__all__ = ["RUNTIMES", "InferenceGraph", "RuntimeMissing", "Session", "check_runtime", "convert_openvino",
+           "float_nodes", "model_path", "quantize_onnx_int8", "require_packages", "write_model", "write_onnx"]

@@ -107,7 +107,7 @@ def _pick(requested: Sequence[str] | None, available: list[str], what: str) -> l
 def fingerprint(cfg: Config) -> str:
     """Returns a short hash of what decides a result (the config minus paths and tracking)."""
     flat = {k: v for k, v in cfg.flatten().items()
-            if not k.startswith("tracking.") and k not in ("train.out", "train.device", "train.threads")}
+            if not k.startswith("tracking.") and k not in ("train.out", "train.device", "train.threads", "train.sync_bn")}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

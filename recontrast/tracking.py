@@ -7,23 +7,26 @@ with explicit run ids, never MLflow's global "active run", so notebooks, paralle
 and tests cannot mix up runs. Metrics are batched to keep writes to a shared sqlite file few.
 
 This module only talks to MLflow; `recontrast.pipeline` decides what to log and when.
-`log_evaluation(result, checkpoint)` adds an evaluation to the run that trained the checkpoint.
+`log_evaluation(result, checkpoint)` adds an evaluation to the run that trained the checkpoint;
+`log_trained_model(run, checkpoint)` logs the MLflow model (recontrast.mlflow_model).
 """
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from recontrast import mlflow_model
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import Config, from_dict
 from recontrast.mlflow_store import (experiment_id, find_run, get_client, retry,  # noqa: F401 - re-exported
@@ -133,13 +136,75 @@ def run_tags(cfg: Config) -> dict[str, str]:
     commit, dirty = git_state()
     tags = {
         "category": cfg.data.category, "dataset": Path(cfg.data.root).name, "data_root": cfg.data.root,
-        "backbone": cfg.model.backbone, "ablation": cfg.tracking.ablation, "study": cfg.tracking.study,
-        "git_commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.git.commit": commit,
-        **process_identity(),
+        "backbone": cfg.model.backbone, "variant": cfg.tracking.ablation, "study": cfg.tracking.study,
+        "git_commit": commit, "git_dirty": str(dirty).lower(), **process_identity(),
     }
-    with contextlib.suppress(Exception):
-        tags["mlflow.user"] = getpass.getuser()
     return {k: v for k, v in tags.items() if v != ""}
+
+
+def source_tags() -> dict[str, str]:
+    """Returns MLflow's own context tags: mlflow.user, mlflow.source.name and .type (the
+    notebook under Jupyter, $IPYNB_FILE under papermill), mlflow.source.git.* of the entry
+    point's checkout. MLflow finds no commit for an entry point in an ignored folder (the
+    venv's `recontrast`, pytest, ipykernel): then the project checkout's commit is used."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags()
+    if not tags.get("mlflow.source.git.commit"):
+        commit, _ = git_state()
+        if commit != "unknown":
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+@contextlib.contextmanager
+def system_metrics(run: Run, enabled: bool = True) -> Iterator[None]:
+    """Logs MLflow's system metrics (system/cpu_utilization_percentage, system memory, disk,
+    network; GPU utilisation and memory with nvidia-ml-py) to `run` while the block runs, every
+    $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default)."""
+    monitor = None
+    if enabled:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run.run_id, resume_logging=True, tracking_uri=run.client.tracking_uri)
+            monitor.start()
+        except Exception as err:  # psutil missing: the run matters more than its system metrics
+            log.warning("no system metrics for run %s: %s", run.run_id, err)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def log_datasets(run: Run, splits: dict[str, Any], name: str, root: str | Path) -> None:
+    """Logs each split (train, val, test: datasets with `.samples`) as an MLflow dataset input
+    of the run, named '<name>/<split>', with context tag <split>: a table of its files (path
+    relative to `root`, anomalous, defect type, mask), whose digest changes when the list does."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    root = Path(root).resolve()
+
+    def relative(path) -> str:
+        return "" if path is None else Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
+
+    inputs = []
+    for split, dataset in splits.items():
+        if dataset is None or not hasattr(dataset, "samples"):
+            continue
+        files = pd.DataFrame([{"path": relative(s.path), "anomalous": bool(s.label), "defect_type": s.defect_type,
+                               "mask": relative(s.mask_path)} for s in dataset.samples],
+                             columns=["path", "anomalous", "defect_type", "mask"])
+        with warnings.catch_warnings():  # MLflow's own noise: two source types claim a local path
+            warnings.simplefilter("ignore")
+            logged = mlflow.data.from_pandas(files, source=str(root), name=f"{name}/{split}")
+        inputs.append(DatasetInput(Dataset(**logged.to_dict()), [InputTag("mlflow.data.context", split)]))
+    if inputs:
+        retry(run.client.log_inputs, run.run_id, datasets=inputs)
 
 
 def _end_with_error(run: Run, status: str, err: BaseException) -> None:
@@ -160,21 +225,25 @@ def _end_with_error(run: Run, status: str, err: BaseException) -> None:
 @contextlib.contextmanager
 def start_run(cfg: Config, run_name: str | None = None, tags: dict[str, Any] | None = None,
               uri: str | None = None, run_id: str | None = None,
-              parent_run_id: str | None = None) -> Iterator[Run]:
-    """Yields a Run with cfg's flattened params and run_tags(cfg); ends it FINISHED, or FAILED
+              parent_run_id: str | None = None, params: dict[str, Any] | None = None,
+              log_system_metrics: bool = False) -> Iterator[Run]:
+    """Yields a Run with `params` (default: cfg's flattened params), MLflow's source_tags(),
+    run_tags(cfg) and `tags` (a None value removes that tag); ends it FINISHED, or FAILED
     (KILLED on KeyboardInterrupt) with the error as a tag if the body raises.
 
     `run_id` reopens an existing run (a resumed training); `parent_run_id` nests the run under
-    a study's parent run.
+    a study's parent run; `log_system_metrics` samples CPU, memory (and GPU) while it runs.
     """
     client = get_client(cfg, uri)
-    all_tags = {**run_tags(cfg), **(tags or {})}
+    all_tags = {**source_tags(), **run_tags(cfg), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    removed = [k for k, v in all_tags.items() if v is None]
+    all_tags = {k: v for k, v in all_tags.items() if v is not None}
     if run_id:
         run = Run(run_id, client)
         retry(client.update_run, run_id, status="RUNNING")
-        for key in ("error", "error_type"):
+        for key in ("error", "error_type", *removed):
             with contextlib.suppress(Exception):
                 client.delete_tag(run_id, key)
         run.set_tags(all_tags)
@@ -183,9 +252,10 @@ def start_run(cfg: Config, run_name: str | None = None, tags: dict[str, Any] | N
         name = run_name or cfg.tracking.run_name or f"{cfg.tracking.ablation}-{cfg.data.category}"
         created = retry(client.create_run, exp, tags={k: str(v) for k, v in all_tags.items()}, run_name=name)
         run = Run(created.info.run_id, client)
-    run.log_params(cfg.flatten())
+    run.log_params(cfg.flatten() if params is None else params)
     try:
-        yield run
+        with system_metrics(run, log_system_metrics):
+            yield run
     except KeyboardInterrupt as err:
         _end_with_error(run, "KILLED", err)
         raise
@@ -291,9 +361,19 @@ def log_evaluation(result, checkpoint: str | Path, run_id: str | None = None, ur
     for path in files:
         run.log_artifact(path, "evaluation" if path.suffix in (".json", ".csv") else "figures")
     if log_checkpoint and Path(checkpoint).is_file():
-        run.log_artifact(checkpoint, "checkpoint")
+        log_trained_model(run, checkpoint, step=step)
     run.set_tags({"evaluated_checkpoint": str(Path(checkpoint).resolve())})
     return run_id
+
+
+def log_trained_model(run: Run, checkpoint: str | Path, step: int = 0) -> None:
+    """Logs a calibrated checkpoint to `run` as the MLflow model 'detector' (a pyfunc model
+    with the inference weights, no optimizer state: mlflow_model.log_detector) and, with
+    tracking.log_full_checkpoint, the whole checkpoint under checkpoint/ (to resume elsewhere)."""
+    cfg = from_dict(load_checkpoint(checkpoint)["config"])
+    if cfg.tracking.log_full_checkpoint:
+        run.log_artifact(checkpoint, "checkpoint")
+    mlflow_model.log_detector(run.run_id, checkpoint, uri=run.client.tracking_uri, step=step)
 
 
 def _log_evaluation_in_new_run(result, checkpoint, uri, step) -> str:

@@ -214,7 +214,7 @@ def train(
         callbacks, eval_fn = (), None
 
     model = build_model(cfg).to(device)  # handles stable (partial BN), encoder BN mode, channels_last
-    if here.distributed and getattr(t, "sync_bn", True):
+    if here.distributed and t.sync_bn:
         sync_batchnorm(model)  # BN statistics over the global batch, as in one process
     optimizers = build_optimizers(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)

@@ -43,7 +43,6 @@ def check_level_weights(weights, name: str = "level_weights") -> None:
 # validate() checks every one, so nothing out of range reaches training or evaluation.
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.val_fraction": (0, 1, True, False),
-    "data.num_workers": (0, None, True, False),
     "model.width_mult": (0, None, False, False),
     "loss.factor": (0, None, True, False),
     "loss.warmup_fraction": (0, 1, True, True),

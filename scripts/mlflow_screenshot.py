@@ -1,4 +1,4 @@
-"""Takes the screenshots of docs/mlflow_ui.md: the MLflow UI, in a real (headless) Chromium, on
+"""Takes the screenshots of README.md ("Compare ablations in the MLflow UI"): the MLflow UI, in a real (headless) Chromium, on
 the runs of a study (the demo's by default).
 
     make demo                                    # the runs: experiment 'demo', study 'demo'
@@ -6,7 +6,7 @@ the runs of a study (the demo's by default).
     .venv/bin/python scripts/mlflow_screenshot.py [--uri sqlite:///mlruns/mlflow.db]
 
 It starts `mlflow ui` on 127.0.0.1 (a free port) over the store, starts Chromium headless
-with a new empty profile, does what docs/mlflow_ui.md tells a reader to do (filter the study,
+with a new empty profile, does what README.md ("Compare ablations in the MLflow UI") tells a reader to do (filter the study,
 close the assistant panel, expand the parent run, chart view, chart search; open the parent
 run) and writes docs/figures/mlflow_ablation_charts.png and docs/figures/mlflow_study_run.png.
 Chromium is driven over the DevTools protocol with websocket-client (installed with Jupyter).

@@ -100,7 +100,6 @@ BAD_VALUES = {
     "loss.warmup_fraction=1.5": r"loss\.warmup_fraction=1\.5: must be in \[0, 1\]",
     "loss.factor=-0.1": r"loss\.factor=-0\.1: must be >= 0",
     "data.image_size=8192": r"data\.image_size=8192 must be a positive multiple of 32 up to 4096",
-    "data.num_workers=-1": r"data\.num_workers=-1: must be >= 0",
     "train.iters=" + "9" * 400: r"train\.iters=9{60}\.\.\. \(400 characters\): must be below 2147483648",
 }
 

@@ -1,9 +1,12 @@
 """Behaviour of inference: calibrated scores, dataset-identical preprocessing, robust batch
-prediction, and an ONNX graph that matches PyTorch."""
+prediction, an ONNX graph that matches PyTorch, and the same predictions from every runtime
+(ONNX Runtime, OpenVINO; fp32 and int8), whose exported files are reused until stale."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_thread
+from conftest import one_thread, run_cli
 from recontrast import export, infer
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.model import load_model
@@ -173,3 +176,99 @@ def test_onnx_export_matches_pytorch(calibrated, tmp_path):
     assert '"threshold_normal"' in meta["recontrast.calibration"] and meta["recontrast.image_size"] == "64"
     with pytest.raises(ValueError, match="multiple of 32"):
         export.export(ckpt, out=tmp_path / "bad.onnx", image_size=50)
+
+
+# int8 tolerance on raw scores (tests/test_runtimes.py measures the model-level error; these
+# tiny models were measured at 0.3 % of the score)
+INT8_SCORE_RTOL = 0.01
+
+
+def _copy_checkpoint(ckpt, folder):
+    """Returns a copy of `ckpt` in `folder`: exports land beside it, not in the shared fixture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.copy(ckpt, folder / "last.ckpt")
+
+
+def _runtimes() -> list[tuple[str, bool]]:
+    pytest.importorskip("onnxruntime")
+    found = [("onnx", False), ("onnx", True)]
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return found
+    return found + [("openvino", False), ("openvino", True)]
+
+
+def test_every_runtime_predicts_what_pytorch_predicts(calibrated, detector, tmp_path):
+    ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")
+    paths = [str(s.path) for s in calibrated[2].samples]
+    want = detector.predict_batch(paths)
+    for runtime, int8 in _runtimes():
+        det = infer.Detector.load(ckpt, runtime=runtime, int8=int8, threads=1)
+        name = f"{runtime}{' int8' if int8 else ''}"
+        assert det.runtime == name and det.model is None
+        assert (det.threshold_name, det.threshold, det.offset, det.image_size) == \
+            (detector.threshold_name, detector.threshold, detector.offset, detector.image_size)
+        got = det.predict_batch(paths)
+        raw = np.array([p.raw_score for p in got])
+        ref = np.array([p.raw_score for p in want])
+        if int8:
+            np.testing.assert_array_less(np.abs(raw - ref), INT8_SCORE_RTOL * ref, err_msg=name)
+            sure = np.abs(ref - det.threshold) > INT8_SCORE_RTOL * ref  # decisions away from the threshold
+            assert [p.is_anomalous for p, s in zip(got, sure) if s] == [p.is_anomalous for p, s in zip(want, sure) if s]
+        else:
+            np.testing.assert_allclose(raw, ref, rtol=0, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(np.stack([p.anomaly_map for p in got]), np.stack([p.anomaly_map for p in want]),
+                                       rtol=0, atol=1e-4, err_msg=name)
+            assert [p.is_anomalous for p in got] == [p.is_anomalous for p in want]
+    assert {"last.onnx", "last.int8.onnx"} <= {p.name for p in ckpt.parent.iterdir()}
+
+
+def test_an_exported_model_is_reused_until_the_checkpoint_changes(calibrated, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")
+    infer.Detector.load(ckpt, runtime="onnx", threads=1)
+    onnx_file = ckpt.with_suffix(".onnx")
+    stamp = lambda: (onnx_file.stat().st_ino, onnx_file.stat().st_mtime_ns)  # noqa: E731
+    first = stamp()
+    infer.Detector.load(ckpt, runtime="onnx", threads=1)
+    assert stamp() == first  # reused
+    state = load_checkpoint(ckpt)
+    state["calibration"]["threshold_normal"] *= 1.5  # recalibrated: the file's calibration is stale
+    save_checkpoint(ckpt, state)
+    det = infer.Detector.load(ckpt, runtime="onnx", threads=1)
+    assert stamp() != first and det.threshold == state["calibration"]["threshold_normal"]
+    # A file given explicitly is never overwritten: one from other weights is refused.
+    other = _copy_checkpoint(calibrated[0], tmp_path / "other")
+    foreign = export.export(other, out=tmp_path / "foreign.onnx")
+    with pytest.raises(infer.StaleModel, match=r"foreign\.onnx was not exported from .*export it again: recontrast export"):
+        infer.Detector.load(ckpt, runtime="onnx", model_path=foreign)
+    assert infer.Detector.load(other, runtime="onnx", model_path=foreign).runtime == "onnx"
+
+
+def test_predict_and_export_commands_take_the_runtime(calibrated, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")
+    images = [str(s.path) for s in calibrated[2].samples[:4]]
+    assert run_cli(["predict", "--checkpoint", str(ckpt), *images, "--out", str(tmp_path / "torch")]) is None
+    assert run_cli(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) is None
+    assert run_cli(["predict", "--checkpoint", str(ckpt), *images, "--out", str(tmp_path / "onnx"),
+                    "--runtime", "onnx", "--model", str(tmp_path / "m.onnx"), "--threads", "1"]) is None
+    for want, got in zip(*(list(csv.DictReader(open(tmp_path / d / "predictions.csv"))) for d in ("torch", "onnx"))):
+        assert float(got["raw_score"]) == pytest.approx(float(want["raw_score"]), abs=1e-4)
+        assert got["anomalous"] == want["anomalous"]
+    error = run_cli(["predict", "--checkpoint", str(ckpt), images[0], "--out", str(tmp_path / "p"), "--int8"])
+    assert error is not None and "int8 and model_path apply to exported models" in error, error
+
+
+def test_a_missing_runtime_is_one_line_naming_the_extra(calibrated, tmp_path, monkeypatch):
+    ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    image = str(calibrated[2].samples[0].path)
+    for argv in (["predict", "--checkpoint", str(ckpt), image, "--out", str(tmp_path / "p"), "--runtime", "openvino"],
+                 ["export", "--checkpoint", str(ckpt), "--runtime", "openvino"]):
+        error = run_cli(argv)
+        assert error is not None and "\n" not in error, argv
+        assert re.search(r"openvino is not installed .*pip install -e '\.\[openvino\]'", error), error
+    assert not list(ckpt.parent.glob("last.*xml"))

@@ -1,4 +1,4 @@
-"""What docs/mlflow_ui.md (and its screenshot) shows, checked through a real `mlflow ui` on
+"""What README.md ("Compare ablations in the MLflow UI") (and its screenshot) shows, checked through a real `mlflow ui` on
 loopback over a tiny study: the parent run holds the study-level metrics and no variant of
 its own, its children hold variant, category and study tags and the switches as params, and
 the filter strings the page gives select what it says."""
@@ -164,7 +164,7 @@ def test_the_children_carry_variant_category_study_tags_and_the_switches_as_para
 
 
 def test_the_filter_strings_of_the_ui_page_select_what_they_say(ui, study):
-    """The strings docs/mlflow_ui.md tells a reader to type into the UI's search box."""
+    """The strings README.md ("Compare ablations in the MLflow UI") tells a reader to type into the UI's search box."""
     _, report = study
     names = lambda runs: sorted(r["info"]["run_name"] for r in runs)  # noqa: E731
     assert names(search(ui, f"tags.study = '{STUDY}'")) == ["full-weave", "no_da-weave", f"study:{STUDY}"]

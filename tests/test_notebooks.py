@@ -47,7 +47,7 @@ def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path
     client = mlflow_store.get_client()
     exp = client.get_experiment_by_name("demo")
     assert exp.artifact_location == (tmp_path / "mlruns" / "artifacts").as_uri()
-    runs = {r.data.tags.get("ablation"): r for r in client.search_runs([exp.experiment_id], "tags.study = 'demo_quick'")
+    runs = {r.data.tags.get("variant"): r for r in client.search_runs([exp.experiment_id], "tags.study = 'demo_quick'")
             if r.data.tags.get("recontrast_role") != "study"}
     assert set(runs) == {"full", "no_da"}
     for variant, run in runs.items():
@@ -55,14 +55,16 @@ def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path
         assert run.data.tags["mlflow.parentRunId"] == report.parent_run_id
         assert run.data.params["model.domain_adaptation"] == str(variant == "full")
         assert {"train/loss", "train/alpha", "image_auroc", "pixel_auroc", "aupro"} <= set(run.data.metrics)
-        files = {f.path for d in ("", "evaluation", "figures", "notebooks", "checkpoint")
+        files = {f.path for d in ("", "evaluation", "figures", "notebooks")
                  for f in client.list_artifacts(run.info.run_id, d or None)}
-        assert {"config.yaml", "checkpoint/last.ckpt", "evaluation/metrics.json", "evaluation/per_image.csv",
+        assert {"config.yaml", "evaluation/metrics.json", "evaluation/per_image.csv",
                 "figures/loss_curve.png", "notebooks/02_train.ipynb", "notebooks/03_evaluate.ipynb"} <= files
+        assert run.outputs.model_outputs and run.data.tags["mlflow.source.name"] == "02_train.ipynb"
         folder = tmp_path / "experiments" / "runs" / "demo_quick" / variant / "weave"
         assert json.loads((folder / "done.json").read_text())["run_id"] == run.info.run_id
 
     parent = client.get_run(report.parent_run_id)
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and "variant" not in parent.data.tags
+    assert {"full/aupro_mean", "no_da/aupro_mean", "no_da/aupro_delta"} <= set(parent.data.metrics)
     compared = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
     assert {"comparison/image_auroc.csv", "comparison/deltas.png", "comparison/04_ablations.ipynb"} <= compared

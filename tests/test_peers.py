@@ -148,3 +148,16 @@ def test_fit_predict_is_deterministic(method, tiny, no_network):
 def test_wrong_image_size_is_refused(tiny):  # checked before anomalib is needed
     with pytest.raises(ValueError, match="data.image_size=256"):
         peers.fit_predict("padim", tiny, image_size=256)
+
+
+def test_category_without_masks_gets_image_metrics_only(synthetic_root, tmp_path):
+    """Like shared/'s screw copy: test/<type> images, no ground_truth folder."""
+    import shutil
+
+    shutil.copytree(synthetic_root / "bar", tmp_path / "bar")
+    shutil.rmtree(tmp_path / "bar" / "ground_truth")
+    data = peers.load_category(tmp_path, "bar", SIZE)
+    assert data.test.has_masks is False
+    labels = [data.test[i]["label"] for i in range(len(data.test))]
+    assert 0 in labels and 1 in labels
+    assert len(data.train) == len(peers.load_category(synthetic_root, "bar", SIZE).train)

@@ -307,8 +307,14 @@ def _wait_for(predicate, child, what: str, timeout: float = 120.0) -> None:
 
 
 def _artifact_checkpoint(uri: str, run_id: str, folder: Path) -> dict:
-    local = client(uri).download_artifacts(run_id, "checkpoint", str(folder))
-    (path,) = Path(local).glob("*.ckpt")
+    """Returns the checkpoint inside the run's logged MLflow model (its inference weights)."""
+    import mlflow
+
+    from recontrast.mlflow_model import find_model
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{find_model(run_id, uri)}", dst_path=str(folder),
+                                                tracking_uri=uri)
+    (path,) = Path(local).rglob("*.ckpt")
     return load_checkpoint(path)
 
 

@@ -24,20 +24,13 @@ INT8_SCORE_RTOL = 0.01  # |score error| <= 1 % of the score
 INT8_MAP_RTOL = 0.02  # |map error| <= 2 % of the largest map value
 
 
-def _export(ckpt, out):
-    try:
-        from recontrast.export import export
-    except ImportError:  # before the export module split
-        from recontrast.infer import export
-    return export(ckpt, out=out)
-
-
 @pytest.fixture(scope="module")
 def exported(synthetic_root, tmp_path_factory):
     """Returns (fp32 .onnx path, test images (B, 3, 64, 64), PyTorch maps, PyTorch scores,
     calibration batches of training images) for a tiny resnet18 trained 2 iterations."""
     pytest.importorskip("onnxruntime")
     from recontrast.data import build_datasets
+    from recontrast.export import export
     from recontrast.infer import Detector
     from recontrast.train import train
 
@@ -52,7 +45,7 @@ def exported(synthetic_root, tmp_path_factory):
     with one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # uncalibrated checkpoint: raw maps are what we compare
         ckpt = train(cfg, datasets=datasets).checkpoint
-        path = _export(ckpt, run / "model.onnx")
+        path = export(ckpt, out=run / "model.onnx")
         x = torch.stack([datasets.test[i]["image"] for i in range(len(datasets.test))])
         maps, scores = Detector.load(ckpt).raw(x)  # the torch runtime
     train_x = torch.stack([datasets.train[i]["image"] for i in range(len(datasets.train))]).numpy()
@@ -105,6 +98,50 @@ def test_int8_stays_within_tolerance_and_keeps_the_map_head_float(exported, tmp_
         np.testing.assert_array_less(np.abs(got_scores - scores), INT8_SCORE_RTOL * np.abs(scores), err_msg=name)
         assert np.abs(got_maps - maps).max() <= INT8_MAP_RTOL * np.abs(maps).max(), name
         assert not np.allclose(got_scores, scores, rtol=0, atol=1e-6), f"{name}: not quantized?"
+
+
+def test_write_model_writes_each_runtime_file_whole_with_its_metadata(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from recontrast.config import EvalConfig
+
+    torch.manual_seed(0)
+    model = _TinyPairs()
+    graph = runtimes.InferenceGraph(model, EvalConfig(sigma=1.0), 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps, scores = graph(x)
+    assert runtimes.model_path(tmp_path / "last.ckpt", "openvino", True).name == "last.int8.xml"
+    kinds = [("onnx", False), ("onnx", True)] + ([("openvino", False)] if _has("openvino") else [])
+    for runtime, int8 in kinds:
+        out = runtimes.model_path(tmp_path / "last.ckpt", runtime, int8)
+        batches = [x.numpy()] if int8 else None
+        assert runtimes.write_model(graph, out, runtime, batches, {"recontrast.note": "kept"}) == out
+        session = Session(out, runtime, threads=1)
+        meta = session.metadata
+        assert meta["recontrast.note"] == "kept" and meta["recontrast.precision"] == ("int8" if int8 else "fp32")
+        assert float(meta["recontrast.map_max"]) == 2.0 * 2  # two pairs, combine "sum"
+        assert session.image_size == 32
+        got_maps, got_scores = session.run(x.numpy())
+        atol = 0.02 * float(scores.abs().max()) if int8 else FP32_ATOL
+        np.testing.assert_allclose(got_scores, scores.numpy(), rtol=0, atol=atol, err_msg=out.name)
+    names = sorted(p.name for p in tmp_path.iterdir())  # no temporary folder left behind
+    assert names == sorted(["last.onnx", "last.int8.onnx"] + (["last.xml", "last.bin"] if _has("openvino") else []))
+    with pytest.raises(ValueError, match="openvino runtime's model is a .xml file, not m.onnx"):
+        runtimes.write_model(graph, tmp_path / "m.onnx", "openvino")
+
+
+class _TinyPairs(torch.nn.Module):
+    """Two (target, prediction) pairs at strides 4 and 8: the shape of ReContrast's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Conv2d(8, 8, 2, stride=2)
+        self.pa, self.pb = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        fa = torch.relu(self.a(x))
+        fb = torch.relu(self.b(fa))
+        return [(fa, self.pa(fa)), (fb, self.pb(fb))]
 
 
 def test_a_missing_runtime_names_the_extra_that_installs_it(tmp_path, monkeypatch):

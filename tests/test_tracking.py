@@ -79,7 +79,8 @@ def test_runs_end_finished_failed_with_the_error_or_killed(client):
     assert runs["failed"].data.tags["error"] == "ValueError: no such defect folder"
     assert "error.txt" in artifacts(client, failed.run_id)
     tags, params = runs["ok"].data.tags, runs["ok"].data.params
-    assert (tags["category"], tags["study"], tags["ablation"]) == ("bottle", "s1", "full")
+    assert (tags["category"], tags["study"], tags["variant"]) == ("bottle", "s1", "full")
+    assert {"mlflow.source.name", "mlflow.source.type", "mlflow.user"} <= set(tags)  # MLflow's context resolution
     assert tags["pid"] == str(os.getpid())
     assert {"git_commit", "git_dirty", "hostname", "backbone", "dataset"} <= set(tags)
     assert params["data.category"] == "bottle" and params["train.iters"] == "2000"
@@ -178,8 +179,9 @@ def test_training_its_resumption_and_its_evaluation_share_one_run(client, synthe
     assert {"image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_f1max"} <= set(run.data.metrics)
     assert run.data.metrics["data/train_images"] > 0 and run.data.metrics["data/skipped_images"] == 0
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
-    assert {"config.yaml", "checkpoint/last.ckpt", "evaluation/metrics.json", "evaluation/per_image.csv",
+    assert {"config.yaml", "evaluation/metrics.json", "evaluation/per_image.csv",
             "figures/roc_pr.png", "figures/worst_gallery.png", "figures/loss_curve.png"} <= artifacts(client, run_id)
+    assert run.outputs.model_outputs  # the MLflow model 'detector' (the full checkpoint: tracking.log_full_checkpoint)
 
     # `recontrast evaluate` (main_evaluate) logs without a run id: the run is found through
     # <train.out>/mlflow_run_id, and again through the checkpoint tag when that file is gone.
