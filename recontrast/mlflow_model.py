@@ -25,8 +25,7 @@ import numpy as np
 
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.config import from_dict
-from recontrast.data import build_datasets
-from recontrast.images import load_rgb, resize_rgb
+from recontrast.images import IMAGE_EXTENSIONS, load_rgb, resize_rgb
 from recontrast.mlflow_store import get_client, retry
 
 log = logging.getLogger(__name__)
@@ -48,16 +47,21 @@ def inference_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def example_images(cfg, n: int = 1) -> np.ndarray:
-    """Returns the first `n` test images of cfg's dataset as uint8 (n, S, S, 3), S = image_size
-    (mid-gray images when the dataset cannot be read here)."""
+    """Returns the first `n` readable test images of cfg's dataset as uint8 (n, S, S, 3),
+    S = image_size (mid-gray images when none can be read here). Reads only those files: the
+    dataset was decode-verified for training already."""
     size = cfg.data.image_size
-    try:
-        test = build_datasets(cfg.data, val_fraction=0.0).test
-        paths = [s.path for s in test.samples[:n]]
-        return np.stack([resize_rgb(load_rgb(p), size).permute(1, 2, 0).numpy() for p in paths])
-    except Exception as err:  # the data moved: the example only shows the input's form
-        log.warning("no test image for the model's input example (%s); using a gray image", err)
-        return np.full((n, size, size, 3), 128, np.uint8)
+    base = Path(cfg.data.root) / (cfg.data.category if cfg.data.format == "mvtec" else "")
+    found = []
+    for path in sorted(p for p in base.glob("test/*/*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        try:
+            found.append(resize_rgb(load_rgb(path), size).permute(1, 2, 0).numpy())
+        except Exception:  # noqa: BLE001 - a bad file: the next one will do
+            continue
+        if len(found) == n:
+            return np.stack(found)
+    log.warning("no readable test image under %s for the model's input example; using a gray image", base)
+    return np.full((n, size, size, 3), 128, np.uint8)
 
 
 def signature(image_size: int):

@@ -128,3 +128,23 @@ def run_cli(argv: list[str]) -> str | None:
         assert isinstance(exit_.code, str), f"exit code {exit_.code!r}, not a message"
         return exit_.code
     return None
+
+
+def killed_run(experiment: str) -> str:
+    """Returns the id of a run whose process was SIGKILLed while it ran (left RUNNING), logged
+    to the store $MLFLOW_TRACKING_URI names: what `recontrast runs --fix-stale` must repair."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("from recontrast import tracking; from recontrast.config import load_config\n"
+            f"ctx = tracking.start_run(load_config(None, ['tracking.experiment={experiment}']))\n"
+            "print(ctx.__enter__().run_id, flush=True)\n"
+            "import time; time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    run_id = proc.stdout.readline().strip()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return run_id

@@ -4,12 +4,10 @@ its own, its children hold variant, category and study tags and the switches as 
 the filter strings the page gives select what it says."""
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -74,34 +72,15 @@ def _run_study(synthetic_root: Path, folder: Path):
 
 @pytest.fixture(scope="module")
 def ui(study):
-    """Returns the base URL of `mlflow ui` serving the study's store on 127.0.0.1."""
+    """Returns the base URL of `mlflow ui` serving the study's store on 127.0.0.1 (started the
+    way scripts/mlflow_screenshot.py starts it for the screenshots)."""
     uri, _ = study
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow ui did not start: {proc.stderr.read()[-2000:] if proc.poll() else 'timeout'}")
-            time.sleep(0.5)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "mlflow_screenshot.py"
+    spec = importlib.util.spec_from_file_location("mlflow_screenshot", script)
+    screenshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot)
+    with screenshot.mlflow_ui(uri, timeout_s=120) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def api(base: str, endpoint: str, body: dict | None = None, **query) -> dict:

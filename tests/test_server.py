@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import killed_run, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS, STEPS, ARTIFACT_BYTES = 8, 100, 200_000
@@ -249,15 +249,7 @@ def test_a_job_while_the_server_is_down_fails_clearly_and_one_it_outlives_finish
 
 
 def test_fix_stale_marks_a_killed_jobs_run_failed_on_the_server(client, server, tmp_path):
-    code = ("import sys; from recontrast import tracking; from recontrast.config import load_config\n"
-            "ctx = tracking.start_run(load_config(None, ['tracking.experiment=stale_server']))\n"
-            "print(ctx.__enter__().run_id, flush=True)\n"
-            "import time; time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    orphan = proc.stdout.readline().strip()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    orphan = killed_run("stale_server")
     assert client.get_run(orphan).info.status == "RUNNING"
     assert run_cli(["runs", "--fix-stale"]) is None
     run = client.get_run(orphan)

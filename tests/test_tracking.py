@@ -3,17 +3,14 @@ and one run holding a training, its resumption and its evaluation."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import empty_store
+from conftest import killed_run, empty_store
 from recontrast import mlflow_store, pipeline, tracking
 from recontrast.config import load_config
 from recontrast.train import LOSS_RISING, Callback, TrainResult
@@ -87,15 +84,7 @@ def test_runs_end_finished_failed_with_the_error_or_killed(client):
 
 
 def test_fix_stale_runs_fails_the_run_of_a_killed_process(client):
-    code = ("from recontrast import tracking; from recontrast.config import load_config\n"
-            "ctx = tracking.start_run(load_config(None, ['tracking.experiment=stale']))\n"
-            "print(ctx.__enter__().run_id, flush=True)\n"
-            "import time; time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    orphan = proc.stdout.readline().strip()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    orphan = killed_run("stale")
     exp = mlflow_store.experiment_id(client, "stale")
     alive = client.create_run(exp, tags={"pid": str(os.getpid()), "hostname": socket.gethostname()}).info.run_id
     elsewhere = client.create_run(exp, start_time=int((time.time() - 3600) * 1000),
