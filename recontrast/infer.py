@@ -312,12 +312,14 @@ def model_id(weights: dict[str, Tensor], calibration: dict[str, Any]) -> str:
 
 
 def normal_batches(data_cfg: DataConfig, image_size: int, n: int = 64, data_root: str | Path | None = None,
-                   batch_size: int = 8) -> list[np.ndarray]:
+                   batch_size: int = 1) -> list[np.ndarray]:
     """Returns up to `n` training (normal) images, evenly spread over the training split, as
     (B, 3, S, S) float32 batches preprocessed as the model's input: int8 calibration data.
 
     The split is the checkpoint's: data_cfg (its category and format) under `data_root`
-    (default: data_cfg.root).
+    (default: data_cfg.root). One image per batch by default: the calibration's memory grows
+    with the batch, not with the number of batches (WRN50 at 256 px: 3.2 GB peak with
+    batches of 1, 6.1 GB with batches of 8).
     """
     if n < 1:
         raise ValueError(f"int8 calibration needs at least one image, got n={n}")
@@ -342,12 +344,14 @@ def exported_session(checkpoint: str | Path, wanted_id: str, data_cfg: DataConfi
     """Returns the session of the checkpoint's model in `runtime` (see Detector.load).
 
     model_path, when given, must come from the checkpoint (model id `wanted_id`) or
-    StaleModel is raised; the default file beside the checkpoint is exported again instead.
+    StaleModel is raised; the default file beside the checkpoint is exported again instead,
+    and also when an older recipe made it (runtimes.RECIPE).
     """
     path = Path(model_path) if model_path is not None else runtimes.model_path(checkpoint, runtime, int8)
     if model_path is not None or path.is_file():
         session = runtimes.Session(path, runtime, threads)
-        if session.metadata.get("recontrast.model_id") == wanted_id:
+        same = session.metadata.get("recontrast.model_id") == wanted_id
+        if same and (model_path is not None or session.metadata.get("recontrast.recipe") == runtimes.RECIPE):
             return session
         if model_path is not None:
             flag = " --int8" if session.metadata.get("recontrast.precision") == "int8" else ""

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import one_thread, run_cli
-from recontrast import export, infer
+from recontrast import export, infer, runtimes
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.model import load_model
 from recontrast.config import Config, apply_overrides
@@ -234,6 +234,11 @@ def test_an_exported_model_is_reused_until_the_checkpoint_changes(calibrated, tm
     first = stamp()
     infer.Detector.load(ckpt, runtime="onnx", threads=1)
     assert stamp() == first  # reused
+    with pytest.MonkeyPatch.context() as patch:  # made by an older recipe: written again
+        patch.setattr(runtimes, "RECIPE", "an older recipe")
+        infer.Detector.load(ckpt, runtime="onnx", threads=1)
+    assert stamp() != first
+    first = stamp()
     state = load_checkpoint(ckpt)
     state["calibration"]["threshold_normal"] *= 1.5  # recalibrated: the file's calibration is stale
     save_checkpoint(ckpt, state)

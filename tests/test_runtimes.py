@@ -119,11 +119,19 @@ def test_write_model_writes_each_runtime_file_whole_with_its_metadata(tmp_path):
         session = Session(out, runtime, threads=1)
         meta = session.metadata
         assert meta["recontrast.note"] == "kept" and meta["recontrast.precision"] == ("int8" if int8 else "fp32")
+        assert meta["recontrast.recipe"] == runtimes.RECIPE
         assert float(meta["recontrast.map_max"]) == 2.0 * 2  # two pairs, combine "sum"
         assert session.image_size == 32
         got_maps, got_scores = session.run(x.numpy())
         atol = 0.02 * float(scores.abs().max()) if int8 else FP32_ATOL
         np.testing.assert_allclose(got_scores, scores.numpy(), rtol=0, atol=atol, err_msg=out.name)
+    import onnx
+
+    graph_proto = onnx.load(str(tmp_path / "last.int8.onnx")).graph
+    dequantized = {o for n in graph_proto.node if n.op_type == "DequantizeLinear" for o in n.output}
+    int8_convs = {n.name for n in graph_proto.node if n.op_type == "Conv" and n.input[0] in dequantized}
+    assert any("/b/" in name for name in int8_convs)  # the 2x2 conv: quantized
+    assert not any("depthwise" in name or "/a/" in name for name in int8_convs)  # depthwise and stem: float
     names = sorted(p.name for p in tmp_path.iterdir())  # no temporary folder left behind
     assert names == sorted(["last.onnx", "last.int8.onnx"] + (["last.xml", "last.bin"] if _has("openvino") else []))
     with pytest.raises(ValueError, match="openvino runtime's model is a .xml file, not m.onnx"):
@@ -136,10 +144,11 @@ class _TinyPairs(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Conv2d(8, 8, 2, stride=2)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.pa, self.pb = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
-        fa = torch.relu(self.a(x))
+        fa = torch.relu(self.depthwise(torch.relu(self.a(x))))
         fb = torch.relu(self.b(fa))
         return [(fa, self.pa(fa)), (fb, self.pb(fb))]
 
