@@ -28,6 +28,7 @@ from recontrast.calibration import calibrate, midpoint_below, pick_threshold, th
 from recontrast.config import EvalConfig
 from recontrast.images import denormalize
 from recontrast.metrics import PixelMetrics, compute_all
+from recontrast.runtime import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,12 @@ def iterate_maps(model: nn.Module, dataset, eval_cfg: EvalConfig, device: torch.
     loader = DataLoader(dataset, batch_size=eval_cfg.batch_size, shuffle=False, num_workers=0,
                         pin_memory=device.type == "cuda")
     pairs_of = getattr(model, "anomaly_pairs", model)  # ReContrast's eval-mode, no-grad forward
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(len(dataset), "evaluate", "img", leave=False) as bar:
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
             maps = maps_for(pairs_of(x), x.shape[-2:], eval_cfg)
             yield batch, maps, image_score(maps, eval_cfg.score, eval_cfg.topk)
+            bar.update(len(x))
 
 
 def score_dataset(model: nn.Module, dataset, eval_cfg: EvalConfig,

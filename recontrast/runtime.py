@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a TTY
 
 from recontrast.config import ConfigError
 
@@ -69,3 +70,12 @@ def process_alive(pid: int, start: str = "") -> bool:
         return False
     except psutil.AccessDenied:
         return True  # another user's process: alive
+
+
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0, shown: bool = True, leave: bool = True):
+    """Returns a tqdm bar: a live widget in a notebook (papermill included), a text bar on a
+    terminal, disabled otherwise (a log file, nohup; `bar.disable` then tells the caller to
+    print its own lines) or when not `shown`."""
+    in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+                disable=True if not shown else False if in_notebook else None)

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm  # a widget in notebooks, a text bar on a TTY, silent otherwise
 
 from recontrast.checkpoint import (config_changes, load_checkpoint, restore_training_state,
                                    save_checkpoint, training_state)
@@ -34,7 +33,7 @@ from recontrast.distributed import (GlobalBatchLoss, World, check_batch, join, m
 from recontrast.evaluate import PROXY_SCORE
 from recontrast.loss import ReContrastLoss
 from recontrast.model import build_model
-from recontrast.runtime import pick_device, seed_everything
+from recontrast.runtime import pick_device, progress_bar, seed_everything
 
 log = logging.getLogger(__name__)
 _STACK_LIMIT_BYTES = 4 << 30  # stack the cached train set into one tensor below this size
@@ -187,12 +186,6 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def _progress(total: int, initial: int, shown: bool = True):
-    in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
-    return tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
-                disable=True if not shown else False if in_notebook else None)
-
-
 def train(
     cfg: Config,
     callbacks: Sequence[Callback] = (),
@@ -256,7 +249,8 @@ def train(
     model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
     tick, last_eval = (time.perf_counter(), start), None
     fit_start = tick[0]
-    with _progress(t.iters, start, here.is_main) as bar, reuse_freed_memory(t.reuse_cpu_memory and device.type == "cpu"):
+    reuse = reuse_freed_memory(t.reuse_cpu_memory and device.type == "cpu")
+    with progress_bar(t.iters, "train", "it", start, here.is_main) as bar, reuse:
         for it in range(start, t.iters):
             if t.stable and it > 0 and it % t.reset_every == 0:
                 optimizers[0].state.clear()  # the stable variant: fresh decoder Adam moments
@@ -281,6 +275,8 @@ def train(
                 metrics = _log_metrics(history[tick[1] - done:], tick[0], info, optimizers, encoder_paused)
                 tick = (time.perf_counter(), done)
                 bar.set_postfix(loss=f"{value:.4f}", alpha=f"{metrics['alpha']:.2f}", refresh=False)
+                if bar.disable and here.is_main:  # no terminal, no widget (nohup, a log file): one line
+                    print(progress_line(done, t.iters, metrics), flush=True)
                 for cb in callbacks:
                     cb.on_log(done, metrics)
             bar.update(1)
@@ -303,6 +299,16 @@ def train(
     for cb in callbacks:
         cb.on_end(result)
     return result
+
+
+def progress_line(done: int, total: int, metrics: dict) -> str:
+    """Returns the line a run without a progress bar prints every train.log_every iterations:
+    `train 40/280 (14%) loss 1.2345 (mean 1.3001) alpha 0.40 1.53 it/s, ETA 2m37s`."""
+    rate = metrics["it_per_s"]
+    eta = int(round((total - done) / rate)) if rate > 0 else 0
+    return (f"train {done}/{total} ({100 * done // max(total, 1)}%) loss {metrics['loss']:.4f} "
+            f"(mean {metrics['loss_avg']:.4f}) alpha {metrics['alpha']:.2f} {rate:.2f} it/s, "
+            f"ETA {eta // 60}m{eta % 60:02d}s")
 
 
 def _log_metrics(recent: list[float], since: float, info: dict, optimizers, encoder_paused: bool) -> dict:

@@ -82,12 +82,16 @@ def test_frozen_encoder_unchanged_trainable_encoder_adapts(synthetic_root, datas
     assert rec.events[0] == ("start", 0) and rec.events[-1] == ("end", 3)
 
 
-def test_short_training_reduces_the_loss(synthetic_root, datasets, tmp_path):
+def test_short_training_reduces_the_loss(synthetic_root, datasets, tmp_path, capsys):
     cfg = tiny_cfg(synthetic_root, tmp_path, **{"train.iters": 24, "train.batch_size": 4,
                                                 "train.checkpoint_every": 0, "train.log_every": 10})
     losses = T.train(cfg, datasets=datasets).loss_history
     assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    # stdout is no terminal here: no bar, a progress line every log_every iterations and at the end
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train ")]
+    assert [line.split()[1] for line in lines] == ["10/24", "20/24", "24/24"], lines
+    assert f"loss {losses[9]:.4f}" in lines[0] and "it/s, ETA" in lines[0] and lines[-1].endswith("ETA 0m00s")
 
 
 def test_resume_after_a_kill_is_bit_identical(synthetic_root, datasets, tmp_path):
