@@ -25,13 +25,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from einops import rearrange
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from recontrast.config import ConfigError
-from recontrast.loss import ReContrastLoss, global_distance, point_distance
+from recontrast.loss import ReContrastLoss
 from recontrast.model import PartialBatchNorm2d
 
 
@@ -188,16 +187,4 @@ class GlobalBatchLoss(ReContrastLoss):
     gradients, which gives the gradient of the mean over the global batch.
     """
 
-    def _pair_loss(self, target: Tensor, pred: Tensor, alpha: float) -> Tensor:
-        if self.cfg.stop_grad:
-            target = target.detach()
-        if self.cfg.hard_mining and pred.requires_grad:
-            with torch.no_grad():
-                d = point_distance(target.float(), pred.float())
-                mean, std = global_moments(d)
-                easy = rearrange(d < mean + alpha * std, "b h w -> b 1 h w")
-            factor = self.cfg.factor
-            pred.register_hook(lambda g: torch.where(easy, g * factor, g))
-        if self.cfg.kind == "global":
-            return global_distance(target, pred).mean()
-        return point_distance(target, pred).mean()
+    moments = staticmethod(global_moments)

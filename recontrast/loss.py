@@ -44,16 +44,26 @@ def global_distance(target: Tensor, pred: Tensor) -> Tensor:
     return 1 - F.cosine_similarity(t, p, dim=1)
 
 
-def hard_mining_mask(target: Tensor, pred: Tensor, alpha: float) -> Tensor:
-    """Returns the (B, 1, H, W) bool mask of well-reconstructed points: d < mean + alpha*std."""
+def batch_moments(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (mean, unbiased std) of the batch's point distances `d`."""
+    return d.mean(), d.std()
+
+
+def hard_mining_mask(target: Tensor, pred: Tensor, alpha: float, moments=batch_moments) -> Tensor:
+    """Returns the (B, 1, H, W) bool mask of well-reconstructed points: d < mean + alpha*std,
+    mean and std as `moments(d)` gives them (distributed.global_moments: over all ranks)."""
     with torch.no_grad():
         d = point_distance(target.float(), pred.float())
-        thr = d.mean() + alpha * d.std()
-        return rearrange(d < thr, "b h w -> b 1 h w")
+        mean, std = moments(d)
+        return rearrange(d < mean + alpha * std, "b h w -> b 1 h w")
 
 
 class ReContrastLoss:
     """Callable loss: `loss(pairs, iteration) -> (total, info)`; see the module docstring."""
+
+    # The hard-mining threshold's statistics of the point distances (a subclass may take them
+    # over more than this process's batch: distributed.GlobalBatchLoss).
+    moments = staticmethod(batch_moments)
 
     def __init__(self, cfg: LossConfig, total_iters: int) -> None:
         if cfg.kind not in ("global", "regional"):
@@ -81,7 +91,7 @@ class ReContrastLoss:
         if self.cfg.stop_grad:
             target = target.detach()
         if self.cfg.hard_mining and pred.requires_grad:
-            easy = hard_mining_mask(target, pred, alpha)
+            easy = hard_mining_mask(target, pred, alpha, self.moments)
             factor = self.cfg.factor
             pred.register_hook(lambda g: torch.where(easy, g * factor, g))
         if self.cfg.kind == "global":
