@@ -116,7 +116,9 @@ def table(rows: list[dict]) -> str:
     """Returns a markdown table: one row per (category, method), metrics in %."""
     head = ["category", "method", *COMPARED, "proxy score", "fit s", "health"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    order = {c: i for i, c in enumerate(dict.fromkeys(r["category"] for r in rows))}
+    methods = {"recontrast": 0, "padim": 1, "patchcore": 2}
+    for r in sorted(rows, key=lambda r: (order[r["category"]], methods.get(r["method"], 3))):
         m = r["metrics"]
         cells = [_pct(m.get(k)) for k in COMPARED]
         lines.append("| " + " | ".join([r["category"], r["method"], *cells, _pct(m.get("proxy/score")),

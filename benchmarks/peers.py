@@ -194,7 +194,8 @@ def fit_peer(model, method: str, train_batches: Iterable, *, coreset_ratio: floa
     info: dict = {}
     with torch.no_grad(), seeded(seed):
         if method == "padim":
-            model.fit()
+            with threads(1):  # see threads(): torch 2.14's batched inverse fails on 2 threads here
+                model.fit()
         else:
             n = sum(e.shape[0] for e in model.embedding_store)
             ratio = max(float(coreset_ratio), 1.0 / n)  # keep at least one patch
@@ -204,6 +205,26 @@ def fit_peer(model, method: str, train_batches: Iterable, *, coreset_ratio: floa
             info = {"coreset_size": int(model.memory_bank.shape[0]), "bank_size": int(n)}
     model.eval()
     return info
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Runs the block on `n` torch CPU threads, then restores the count.
+
+    PaDiM's fit ends with one batched torch.linalg.inv of its per-position covariances
+    (4096 x 176 x 176 for Lite0 at 256 px). With torch 2.14.1 (MKL) on 2 threads that call
+    fails here ("Intel oneMKL ERROR: Parameter 6 was incorrect on entry to SLASWP", then
+    "Pivots given to lu_solve must all be greater or equal to 1"), in chunks of 256 too; on
+    one thread it takes 4.4 s. The fit's seconds include it.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -276,14 +276,18 @@ def run_categories(args, out: Path, saved: Path) -> dict:
     after every row, so a long run that is stopped keeps what it measured."""
     roots = categories.category_roots(out)
     wanted = [c for c in args.categories.split(",") if c] or list(roots)
-    rows: list[dict] = []
     partial = saved.with_name("categories.json")
+    # --resume: the rows an earlier (stopped, or partly failed) run measured are kept, not redone
+    rows: list[dict] = json.loads(partial.read_text()) if args.resume and partial.is_file() else []
+    done = {(r["category"], r["method"]) for r in rows}
+    methods = args.methods.split(",")
     for category in wanted:
         partial.write_text(json.dumps(rows, indent=1, default=str))
-        rows.append(in_subprocess(categories.recontrast_row, args.recipe, roots[category], category, out,
-                                  args.threads, args.set))
-        print(f"[bench] categories/{category}/recontrast: {json.dumps(_brief(rows[-1]))}", flush=True)
-        for method in ("padim", "patchcore"):
+        if "recontrast" in methods and (category, "recontrast") not in done:
+            rows.append(in_subprocess(categories.recontrast_row, args.recipe, roots[category], category, out,
+                                      args.threads, args.set))
+            print(f"[bench] categories/{category}/recontrast: {json.dumps(_brief(rows[-1]))}", flush=True)
+        for method in [m for m in ("padim", "patchcore") if m in methods and (category, m) not in done]:
             try:
                 rows.append(in_subprocess(categories.peer_row, method, roots[category], category, args.threads))
             except Exception as err:  # anomalib missing (pip install -e .[peers]) or a peer failed
@@ -373,8 +377,14 @@ def main() -> None:
     parser.add_argument("--recipe", default=categories.DEFAULT_CONFIG,
                         help="the one ReContrast recipe of the categories and correlation sections")
     parser.add_argument("--categories", default="", help="comma-separated (default: every one available)")
+    parser.add_argument("--methods", default="recontrast,padim,patchcore", help="categories: which methods")
+    parser.add_argument("--resume", action="store_true",
+                        help="categories: keep the rows of <out>/categories.json and measure only the missing ones")
     parser.add_argument("--eval-every", type=int, default=40, help="correlation: evaluate every N iterations")
     args = parser.parse_args()
+    unknown = set(args.methods.split(",")) - {"recontrast", "padim", "patchcore"}
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from recontrast, padim, patchcore")
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     base = data_overrides(out) + ["tracking.experiment=benchmark", f"train.threads={args.threads}"] + args.set
