@@ -31,7 +31,7 @@ from recontrast.locks import folder_lock
 from recontrast.mlflow_store import (RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry,
                                      tracking_uri)
 from recontrast.ray_executor import RayOptions, import_ray, run_pairs
-from recontrast.runtime import project_root
+from recontrast.runtime import PROGRESS_LINES_ENV, project_root
 from recontrast.study import Job, Study, load_study, plan, study_status
 from recontrast.study_results import log_study_metrics
 
@@ -129,6 +129,7 @@ def execute_pair(job: Job) -> PairResult:
                 # The kernel's printed lines reach this console, prefixed with the pair, so a
                 # long batch shows which pair is at which iteration.
                 out = PrefixedLines(f"[{job.variant}/{job.category}] ", sys.stdout)
+                os.environ[PROGRESS_LINES_ENV] = "1"  # the kernel inherits it: lines, not only a widget
                 with _notebook_named(folder / name):
                     pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=params,
                                         kernel_name=kernel, cwd=str(root), progress_bar=False,

@@ -72,6 +72,17 @@ def process_alive(pid: int, start: str = "") -> bool:
         return True  # another user's process: alive
 
 
+# Set by `recontrast batch` for the notebooks it executes: their widgets never reach the
+# console, so training prints its progress lines there too (progress_lines).
+PROGRESS_LINES_ENV = "RECONTRAST_PROGRESS_LINES"
+
+
+def progress_lines(bar) -> bool:
+    """Returns whether a loop should print its own progress lines besides `bar`: when the bar
+    shows nothing (no terminal, no notebook) or the output is read elsewhere (batch)."""
+    return bool(bar.disable) or os.environ.get(PROGRESS_LINES_ENV) == "1"
+
+
 def progress_bar(total: int, desc: str, unit: str, initial: int = 0, shown: bool = True, leave: bool = True):
     """Returns a tqdm bar: a live widget in a notebook (papermill included), a text bar on a
     terminal, disabled otherwise (a log file, nohup; `bar.disable` then tells the caller to

@@ -33,7 +33,7 @@ from recontrast.distributed import (GlobalBatchLoss, World, check_batch, join, m
 from recontrast.evaluate import PROXY_SCORE
 from recontrast.loss import ReContrastLoss
 from recontrast.model import build_model
-from recontrast.runtime import pick_device, progress_bar, seed_everything
+from recontrast.runtime import pick_device, progress_bar, progress_lines, seed_everything
 
 log = logging.getLogger(__name__)
 _STACK_LIMIT_BYTES = 4 << 30  # stack the cached train set into one tensor below this size
@@ -275,7 +275,7 @@ def train(
                 metrics = _log_metrics(history[tick[1] - done:], tick[0], info, optimizers, encoder_paused)
                 tick = (time.perf_counter(), done)
                 bar.set_postfix(loss=f"{value:.4f}", alpha=f"{metrics['alpha']:.2f}", refresh=False)
-                if bar.disable and here.is_main:  # no terminal, no widget (nohup, a log file): one line
+                if progress_lines(bar) and here.is_main:  # no terminal or widget (nohup, a log file, batch)
                     print(progress_line(done, t.iters, metrics), flush=True)
                 for cb in callbacks:
                     cb.on_log(done, metrics)

@@ -269,3 +269,19 @@ def test_reusing_freed_cpu_memory_changes_no_number(synthetic_root, datasets, tm
     assert runs[0].loss_history == runs[1].loss_history
     for key, value in runs[0].model.state_dict().items():
         assert torch.equal(value, runs[1].model.state_dict()[key]), key
+
+
+def test_progress_lines_where_no_bar_reaches_the_reader(monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    from recontrast.runtime import PROGRESS_LINES_ENV, progress_lines
+
+    monkeypatch.delenv(PROGRESS_LINES_ENV, raising=False)
+    shown, hidden = tqdm(total=1, file=io.StringIO(), disable=False), tqdm(total=1, disable=True)
+    assert progress_lines(hidden) and not progress_lines(shown)
+    monkeypatch.setenv(PROGRESS_LINES_ENV, "1")  # what `recontrast batch` sets for its notebooks
+    assert progress_lines(shown)
+    line = T.progress_line(40, 280, {"loss": 1.2345, "loss_avg": 1.3, "alpha": 0.4, "it_per_s": 0.5})
+    assert line == "train 40/280 (14%) loss 1.2345 (mean 1.3000) alpha 0.40 0.50 it/s, ETA 8m00s"
