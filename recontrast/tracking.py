@@ -334,6 +334,11 @@ class MLflowCallback(Callback):
         self.run.set_tags(tags)
         self.run.log_text("\n\n".join(self.warnings) + "\n", "warnings.txt")
 
+    def before_checkpoint(self, iteration: int) -> None:
+        # A kill right after the checkpoint is written resumes from it: the metrics up to it
+        # must already be in the store, or they are never logged (tests/test_ray.py kills there).
+        self.flush()
+
     def on_checkpoint(self, iteration: int, path: Path) -> None:
         path = Path(path).resolve()
         self.run.set_tags({"checkpoint": str(path), "checkpoint_iteration": iteration})

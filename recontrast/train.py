@@ -56,6 +56,9 @@ class Callback:
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None: ...
     def on_warning(self, message: str, kind: str) -> None: ...
     def on_checkpoint(self, iteration: int, path: Path) -> None: ...
+    # Before checkpoint `iteration` is written: what a resume from it would not log again
+    # (the metrics of the iterations up to it) must be persisted now, not after.
+    def before_checkpoint(self, iteration: int) -> None: ...
     def on_end(self, result: TrainResult) -> None: ...
 
 
@@ -232,6 +235,8 @@ def train(
             raise _diverged(iteration, "a weight", last_good, callbacks)
         if not here.is_main:
             return path
+        for cb in callbacks:
+            cb.before_checkpoint(iteration)
         save_checkpoint(path, training_state(cfg, model, optimizers, scaler, iteration, history))
         for cb in callbacks:
             cb.on_checkpoint(iteration, path)

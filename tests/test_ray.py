@@ -28,11 +28,6 @@ CATEGORIES = list(synthetic.CATEGORIES[:2])
 TIMED = ("per_s", "seconds", "heartbeat")  # metrics that measure time, not the model
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install -e '.[cluster]' (the dev extra has it)")
-# The two tests that start a Ray instance and run notebooks on it: one of them failed in the
-# last full run on a heavily loaded machine and was not analysed yet (issue 14 stays open);
-# they run with RECONTRAST_RAY_TESTS=1 until that is done.
-heavy_ray = pytest.mark.skipif(os.environ.get("RECONTRAST_RAY_TESTS") != "1",
-                               reason="set RECONTRAST_RAY_TESTS=1: Ray end-to-end tests not yet verified (issue 14)")
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +88,6 @@ def summary(client) -> dict:
 
 
 @needs_ray
-@heavy_ray
 def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, tmp_path, tmp_path_factory,
                                                                 monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -166,7 +160,6 @@ def ray_instance():
 
 
 @needs_ray
-@heavy_ray
 def test_a_killed_worker_is_reported_failed_or_retried_and_no_run_stays_running(
         synthetic_root, tmp_path, tmp_path_factory, monkeypatch, ray_instance):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -154,6 +154,24 @@ def test_an_interrupted_training_ends_killed_with_its_last_metrics(client, synth
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
 
 
+def test_the_metrics_up_to_a_checkpoint_are_stored_before_it_is_written(client, synthetic_root, tmp_path, monkeypatch):
+    # A kill right after a checkpoint resumes from it: the steps before it are never logged again.
+    from recontrast import train
+
+    seen, write = {}, train.save_checkpoint
+
+    def watched(path, state):
+        run_id = mlflow_store.read_run_id(tmp_path / "run")
+        seen[state["iteration"]] = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        write(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", watched)
+    cfg = load_config(None, [*tiny(synthetic_root, tmp_path / "run", "flushed"), "train.iters=4",
+                             "train.checkpoint_every=2"])
+    pipeline.run_training(cfg, evaluate_at_end=False)
+    assert seen == {2: [1, 2], 4: [1, 2, 3, 4]}
+
+
 @pytest.mark.slow
 def test_training_its_resumption_and_its_evaluation_share_one_run(client, synthetic_root, tmp_path):
     overrides = tiny(synthetic_root, tmp_path / "run", "train")
