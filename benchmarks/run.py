@@ -18,11 +18,9 @@ logged to MLflow (experiment `benchmark`) so the UI shows them side by side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import platform
 import resource
 import sys
@@ -54,19 +52,6 @@ def peak_memory() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return peak
-
-
-@contextlib.contextmanager
-def environment(**values):
-    """Sets (a None value: removes) environment variables for the duration, then restores them."""
-    before = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        yield
-    finally:
-        for k, v in before.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def in_subprocess(fn, *args):
@@ -445,6 +430,8 @@ def main() -> None:
             runs["after_jemalloc"] = (train_step_time, (args.config, low, args.threads, args.ref_steps, False))
             runs["after_recompute_jemalloc"] = (train_step_time, (args.config, low + recompute, args.threads,
                                                                   args.ref_steps, False))
+        from recontrast.runtime import environment
+
         wanted = [r for r in args.ref_runs.split(",") if r] or list(runs)
         for name in wanted:
             fn, fn_args = runs[name]

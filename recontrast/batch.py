@@ -31,7 +31,7 @@ from recontrast.locks import folder_lock
 from recontrast.mlflow_store import (RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry,
                                      tracking_uri)
 from recontrast.ray_executor import RayOptions, import_ray, run_pairs
-from recontrast.runtime import PROGRESS_LINES_ENV, project_root
+from recontrast.runtime import PROGRESS_LINES_ENV, environment, project_root
 from recontrast.study import Job, Study, load_study, plan, study_status
 from recontrast.study_results import log_study_metrics
 
@@ -129,8 +129,9 @@ def execute_pair(job: Job) -> PairResult:
                 # The kernel's printed lines reach this console, prefixed with the pair, so a
                 # long batch shows which pair is at which iteration.
                 out = PrefixedLines(f"[{job.variant}/{job.category}] ", sys.stdout)
-                os.environ[PROGRESS_LINES_ENV] = "1"  # the kernel inherits it: lines, not only a widget
-                with _notebook_named(folder / name):
+                # The kernel inherits both: $IPYNB_FILE gives its runs mlflow.source.name = the
+                # notebook; progress lines reach this console (a widget would not).
+                with environment(IPYNB_FILE=str(folder / name), **{PROGRESS_LINES_ENV: "1"}):
                     pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=params,
                                         kernel_name=kernel, cwd=str(root), progress_bar=False,
                                         start_timeout=300, report_mode=False, stdout_file=out, stderr_file=out)
@@ -145,21 +146,6 @@ def execute_pair(job: Job) -> PairResult:
         return PairResult(job.variant, job.category, "failed", run_id, error, time.time() - t0, str(folder))
     return PairResult(job.variant, job.category, "done", run_id, "", time.time() - t0, str(folder),
                       health=_run_health(job.uri, run_id))
-
-
-@contextlib.contextmanager
-def _notebook_named(path: Path):
-    """Names the notebook to MLflow's run context in the kernel started in the block: the
-    kernel inherits $IPYNB_FILE, which gives its runs mlflow.source.name = the notebook."""
-    before = os.environ.get("IPYNB_FILE")
-    os.environ["IPYNB_FILE"] = str(path)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("IPYNB_FILE", None)
-        else:
-            os.environ["IPYNB_FILE"] = before
 
 
 def _run_health(uri: str, run_id: str | None) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from recontrast.config import PLACEMENT_KEYS
+
 FORMAT = "recontrast-ckpt-v1"
 
 
@@ -76,8 +78,8 @@ def config_changes(stored: dict[str, Any], cfg) -> list[str]:
     """Returns 'key: old -> new' for settings that differ from a checkpoint's stored config
     (run length, logging, output, device, evaluation and tracking may change on resume)."""
     old = {f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}
-    free = ("train.iters", "train.out", "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.device", "train.threads", "train.sync_bn", "train.divergence_window", "eval.", "tracking.")
+    free = (*PLACEMENT_KEYS, "train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.divergence_window", "eval.", "tracking.")
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
             if not k.startswith(free) and old.get(k) != v]
 

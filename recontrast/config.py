@@ -178,6 +178,10 @@ class Config:
         return self.to_yaml()
 
 
+# Keys that say where and how a run executes, not what it computes (one process ignores
+# train.sync_bn): a study's fingerprint leaves them out, and a resume may change them.
+PLACEMENT_KEYS = ("train.out", "train.device", "train.threads", "train.sync_bn")
+
 # method.md: the authors keep the trainable encoder's BN in eval mode for these categories.
 BN_EVAL_CATEGORIES = frozenset(
     {"toothbrush", "leather", "grid", "tile", "wood", "screw", "cashew", "pcb1"}

@@ -4,6 +4,7 @@ Nothing here knows about models, data or MLflow; `config` is the only package im
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -70,6 +71,25 @@ def process_alive(pid: int, start: str = "") -> bool:
         return False
     except psutil.AccessDenied:
         return True  # another user's process: alive
+
+
+@contextlib.contextmanager
+def environment(**values: str | None):
+    """Sets environment variables (None: removes one) while the block runs, then restores
+    them; a process started in the block (a notebook kernel, a spawned worker) inherits them."""
+    before = {k: os.environ.get(k) for k in values}
+
+    def put(items) -> None:
+        for k, v in items:
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        put(values.items())
+        yield
+    finally:
+        put(before.items())
 
 
 # Set by `recontrast batch` for the notebooks it executes: their widgets never reach the

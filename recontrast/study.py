@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from recontrast.config import Config, ConfigError, load_config
+from recontrast.config import PLACEMENT_KEYS, Config, ConfigError, load_config
 from recontrast.mlflow_store import tracking_uri
 from recontrast.runtime import project_root
 
@@ -107,7 +107,7 @@ def _pick(requested: Sequence[str] | None, available: list[str], what: str) -> l
 def fingerprint(cfg: Config) -> str:
     """Returns a short hash of what decides a result (the config minus paths and tracking)."""
     flat = {k: v for k, v in cfg.flatten().items()
-            if not k.startswith("tracking.") and k not in ("train.out", "train.device", "train.threads", "train.sync_bn")}
+            if not k.startswith("tracking.") and k not in PLACEMENT_KEYS}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -285,3 +285,15 @@ def test_progress_lines_where_no_bar_reaches_the_reader(monkeypatch):
     assert progress_lines(shown)
     line = T.progress_line(40, 280, {"loss": 1.2345, "loss_avg": 1.3, "alpha": 0.4, "it_per_s": 0.5})
     assert line == "train 40/280 (14%) loss 1.2345 (mean 1.3000) alpha 0.40 0.50 it/s, ETA 8m00s"
+
+
+def test_environment_sets_removes_and_restores(monkeypatch):
+    import os
+
+    from recontrast.runtime import environment
+
+    monkeypatch.setenv("RECONTRAST_T_KEEP", "before")
+    monkeypatch.delenv("RECONTRAST_T_NEW", raising=False)
+    with environment(RECONTRAST_T_KEEP=None, RECONTRAST_T_NEW="1"):
+        assert "RECONTRAST_T_KEEP" not in os.environ and os.environ["RECONTRAST_T_NEW"] == "1"
+    assert os.environ["RECONTRAST_T_KEEP"] == "before" and "RECONTRAST_T_NEW" not in os.environ
