@@ -4,7 +4,7 @@ one test image per defect type plus a good one, and an animated GIF over more te
     python scripts/readme_figures.py --checkpoint bench_out/recontrast/bottle/last.ckpt \
         --data ../shared/data/mvtec_ad_256 --category bottle --out docs/figures
 
-Writes <out>/<category>_gallery.png and <out>/<category>.gif. The maps are the ones
+Writes <out>/<category>_gallery.png and, when the test set has masks, <out>/<category>.gif. The maps are the ones
 `recontrast predict` gives (the checkpoint's calibration: 0.5 = its 'normal' threshold); the
 images are the first of each defect type in file order, not picked by score.
 """
@@ -42,11 +42,18 @@ def main() -> None:
 
     detector = Detector.load(args.checkpoint)
     test = MVTecDataset(args.data, args.category, "test", detector.image_size)
+    has_masks = getattr(test, "has_masks", True)
     out = Path(args.out)
-    for name, items in (("gallery", first_per_type(test, 1)), ("gif", first_per_type(test, args.gif_per_type))):
+    figures = [("gallery", first_per_type(test, 1))]
+    if has_masks:  # a GIF frame always has a ground-truth panel: empty, it would read as "no defect"
+        figures.append(("gif", first_per_type(test, args.gif_per_type)))
+    else:
+        print(f"{args.category}: image-level test set (no masks): the gallery only, no GIF")
+    for name, items in figures:
         predictions = detector.predict_batch([it["path"] for it in items])
         images = [denormalize(it["image"]) for it in items]
-        masks = [it["mask"][0].numpy() if it["label"] else None for it in items]
+        # No mask column for image-level test sets (no ground_truth/): an empty mask would read as "no defect".
+        masks = [it["mask"][0].numpy() if has_masks else None for it in items]
         captions = [f"{it['defect_type']}: score {p.score:.2f} ({'defect' if p.is_anomalous else 'good'})"
                     for it, p in zip(items, predictions)]
         if name == "gallery":
