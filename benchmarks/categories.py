@@ -66,7 +66,7 @@ def recontrast_row(config: str, root: Path, category: str, out: Path, threads: i
             "cpu_seconds": _cpu_seconds() - cpu0, "threads": threads,
             "health": result.health.status, "health_reasons": result.health.reasons,
             "selected_iteration": result.selected_iteration, "final_loss": result.loss_history[-1],
-            "run_id": run_id, "config": config, "notes": evaluation.notes}
+            "run_id": run_id, "config": config, "notes": evaluation.notes, "checkpoint": str(result.checkpoint)}
 
 
 def _cpu_seconds() -> float:

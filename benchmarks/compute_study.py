@@ -1,0 +1,197 @@
+"""Accuracy against compute: ReContrast settings beside PaDiM and PatchCore, per category.
+
+    HF_HUB_OFFLINE=1 python benchmarks/compute_study.py --categories bottle,weave,bar \
+        --settings default,bn_train,size320 --threads 2 --out bench_out/compute
+
+Each (category, setting) trains once, in a process of its own, with experiments/cpu_default.yaml
+plus the setting's overrides (SETTINGS), and is evaluated with the recipe's map and with the map
+variants of MAPS: the same weights, only the map changes, so a map variant costs an evaluation,
+not a training. The x axis is process CPU minutes (all threads) of training and the recipe's
+evaluation, which, unlike wall time, does not grow when other work shares the cores. Peers fit
+once per category (benchmarks/peers.py, `pip install -e .[peers]`). Rows are appended to
+<out>/rows.json as they finish (a stopped study resumes where it was); the figures go to
+docs/figures/compute_<category>.png and the table to <out>/compute.md. Test labels are read
+to measure, as in every benchmark: the dev categories are development data (docs/recipe.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import categories  # noqa: E402 - benchmarks/categories.py, beside this file
+
+# What a setting changes on top of the default recipe (experiments/cpu_default.yaml).
+SETTINGS = {
+    "default": [],
+    "bn_train": ["model.encoder_bn=train"],
+    "no_da": ["model.domain_adaptation=false"],
+    "iters560": ["train.iters=560"],
+    "iters1120": ["train.iters=1120"],
+    "size320": ["data.image_size=320"],
+    "size384": ["data.image_size=384"],
+    "lite1": ["model.backbone=tf_efficientnet_lite1"],
+    "lite2": ["model.backbone=tf_efficientnet_lite2"],
+    "width3": ["model.width_mult=3.0"],
+    "stable": ["train.stable=true"],
+    "bf16": ["train.precision=bf16"],
+}
+# Map variants evaluated on every trained model (eval.* overrides; "recipe" is the model's own).
+MAPS = {
+    "recipe": {},
+    "levels110": {"level_weights": (1.0, 1.0, 0.0)},
+    "levels121": {"level_weights": (1.0, 2.0, 1.0)},
+    "sigma2": {"sigma": 2.0},
+    "sigma8": {"sigma": 8.0},
+}
+SHOWN = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
+
+
+def study_row(category: str, root: Path, setting: str, out: Path, threads: int) -> dict:
+    """Returns one trained setting's row: the recipe's metrics, CPU minutes, and each map variant's metrics."""
+    import dataclasses
+
+    import torch
+
+    from recontrast.data import build_datasets
+    from recontrast.evaluate import evaluate
+    from recontrast.model import load_model
+
+    row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
+                                    [*SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
+    model, cfg, _ = load_model(row.pop("checkpoint"))
+    datasets = build_datasets(cfg.data)
+    maps = {}
+    for name, change in MAPS.items():
+        if not change:
+            continue
+        eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False, **change)
+        t0 = time.process_time()
+        with torch.inference_mode():
+            maps[name] = evaluate(model, datasets.test, eval_cfg, torch.device("cpu"), datasets.val).metrics
+        maps[name]["eval_cpu_seconds"] = time.process_time() - t0
+    row.pop("points", None)
+    return {**row, "setting": setting, "maps": maps}
+
+
+def peer(method: str, root: Path, category: str, threads: int) -> dict:
+    """Returns the peer's row with the CPU seconds of its fit and prediction."""
+    t0 = time.process_time()
+    row = categories.peer_row(method, root, category, threads)
+    return {**row, "setting": method, "cpu_seconds": time.process_time() - t0}
+
+
+def in_subprocess(fn, *args):
+    """Returns fn(*args) computed in a fresh spawned process (own memory, own CPU clock)."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def points(rows: list[dict], category: str) -> list[tuple[str, float, dict]]:
+    """Returns (label, CPU minutes, metrics) for every ReContrast model, map variant and peer of a
+    category; a map variant costs what its model cost (it replaces the recipe's evaluation)."""
+    found = []
+    for r in rows:
+        if r["category"] != category:
+            continue
+        minutes = r["cpu_seconds"] / 60
+        if r["method"] != "recontrast":
+            found.append((r["method"], minutes, r["metrics"]))
+            continue
+        found.append((r["setting"], minutes, r["metrics"]))
+        for name, metrics in r.get("maps", {}).items():
+            found.append((f"{r['setting']}+{name}", minutes, metrics))  # the same model: the same cost
+    return found
+
+
+def figure(rows: list[dict], category: str, path: Path) -> None:
+    """Draws one panel per metric: x CPU minutes, y the metric; peers as stars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = points(rows, category)
+    shown = [k for k in SHOWN if any(math.isfinite(m.get(k) or math.nan) for _, _, m in found)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], shown):
+        for label, minutes, m in found:
+            value = m.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            peer_ = label in ("padim", "patchcore")
+            ax.scatter(minutes, 100 * value, marker="*" if peer_ else ("o" if "+" not in label else "."),
+                       s=140 if peer_ else 36, color="crimson" if peer_ else None, zorder=3)
+            ax.annotate(label, (minutes, 100 * value), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_title(key)
+        ax.set_xlabel("CPU minutes (fit + evaluation)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("%")
+    fig.suptitle(f"{category}: accuracy vs compute (ReContrast settings, PaDiM / PatchCore as stars)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Returns one table: every point of every category, metrics in %, CPU minutes."""
+    lines = ["| category | setting | CPU min | " + " | ".join(SHOWN) + " | proxy score |",
+             "|---|---|---|" + "---|" * (len(SHOWN) + 1)]
+    for category in dict.fromkeys(r["category"] for r in rows):
+        for label, minutes, m in points(rows, category):
+            cells = [categories._pct(m.get(k)) for k in (*SHOWN, "proxy/score")]
+            lines.append(f"| {category} | {label} | {minutes:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--categories", default="bottle,screw,weave,grain,disc,bar")
+    parser.add_argument("--settings", default="default,bn_train", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--peers", default="padim,patchcore", help="peers to fit per category ('' for none)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench_out/compute")
+    parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "rows.json"
+    rows: list[dict] = json.loads(saved.read_text()) if saved.is_file() else []
+    roots = categories.category_roots(out)
+    wanted = [c for c in args.categories.split(",") if c in roots]
+    for category in wanted:
+        jobs = [(s, study_row, (category, roots[category], s, out, args.threads))
+                for s in args.settings.split(",") if s]
+        jobs += [(m, peer, (m, roots[category], category, args.threads)) for m in args.peers.split(",") if m]
+        for setting, fn, fn_args in jobs:
+            if any(r["category"] == category and r["setting"] == setting for r in rows):
+                continue
+            t0, load = time.perf_counter(), os.getloadavg()[0]
+            try:
+                row = in_subprocess(fn, *fn_args)
+            except Exception as err:  # a peer without anomalib, a setting that fails: say so, go on
+                print(f"[compute] {category}/{setting}: failed ({type(err).__name__}: {err})", flush=True)
+                continue
+            row.update(wall_seconds=time.perf_counter() - t0, load_before=load, load_after=os.getloadavg()[0])
+            rows.append(row)
+            saved.write_text(json.dumps(rows, indent=1, default=str))
+            brief = {k: round(100 * row["metrics"][k], 2) for k in SHOWN if k in row["metrics"]}
+            print(f"[compute] {category}/{setting}: {row['cpu_seconds'] / 60:.1f} CPU min, "
+                  f"{row['wall_seconds']:.0f} s wall, load {load:.1f}->{row['load_after']:.1f}, {brief}", flush=True)
+        figure(rows, category, Path(args.figures) / f"compute_{category}.png")
+    (out / "compute.md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
