@@ -168,6 +168,41 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
             "batch_size": bs, "image_size": cfg.data.image_size, "backbone": cfg.model.backbone, "naive": naive}
 
 
+# The training-cost settings the speed section compares side by side (train.precision, train.cache_features).
+THROUGHPUT = {"fp32": [], "bf16": ["train.precision=bf16"], "fp32_cache": ["train.cache_features=true"],
+              "bf16_cache": ["train.precision=bf16", "train.cache_features=true"]}
+
+
+def train_throughput(config: str, overrides: list[str], threads: int, iters: int) -> dict:
+    """Returns training iterations per CPU-minute and per wall-minute of the real loop
+    (recontrast.train.train: batches, feature cache, precision, checkpoints), the final loss,
+    the cost of one proxy evaluation, and the load average around it."""
+    import os
+
+    import torch
+
+    from recontrast.data import build_datasets
+    from recontrast.evaluate import proxy_metrics
+    from recontrast.pipeline import proxy_dataset
+    from recontrast.train import train
+
+    torch.set_num_threads(threads)
+    cfg = _config(config, overrides + [f"train.iters={iters}", "train.eval_every=0", "tracking.enabled=false",
+                                       f"train.checkpoint_every={iters}"])
+    datasets = build_datasets(cfg.data)
+    load, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
+    result = train(cfg, datasets=datasets)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    proxy, cpu1 = proxy_dataset(cfg, datasets), time.process_time()
+    if proxy is not None:
+        proxy_metrics(result.model, proxy, cfg.eval)
+    return {"iters": iters, "cpu_s": cpu, "wall_s": wall, "it_per_cpu_min": 60 * iters / cpu,
+            "it_per_wall_min": 60 * iters / wall, "final_loss": result.loss_history[-1],
+            "proxy_eval_cpu_s": time.process_time() - cpu1 if proxy is not None else None,
+            "load_before": load, "load_after": os.getloadavg()[0], "precision": cfg.train.precision,
+            "cache_features": cfg.train.cache_features, **peak_memory()}
+
+
 def inference_speed(config: str, overrides: list[str], threads: int, batch_size: int, n_images: int,
                     repeat: int = 1) -> dict:
     """Returns evaluation throughput (anomaly maps + scores + streamed pixel metrics) and peak RSS.
@@ -366,6 +401,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="categories: keep the rows of <out>/categories.json and measure only the missing ones")
     parser.add_argument("--eval-every", type=int, default=40, help="correlation: evaluate every N iterations")
+    parser.add_argument("--speed-iters", type=int, default=24, help="speed: training iterations per throughput row")
     args = parser.parse_args()
     unknown = set(args.methods.split(",")) - {"recontrast", "padim", "patchcore"}
     if unknown:
@@ -392,6 +428,13 @@ def main() -> None:
             show(f"accuracy/{name}", r)
     if "speed" in sections:
         speed = {"train": in_subprocess(train_step_time, args.config, base, args.threads, 3, False)}
+        # The default recipe's loop under each cost setting, side by side in this one run (issue 20).
+        throughput = {name: in_subprocess(train_throughput, args.recipe, base + extra, args.threads, args.speed_iters)
+                      for name, extra in THROUGHPUT.items()}
+        for name, row in throughput.items():
+            row["speedup_vs_fp32"] = row["it_per_cpu_min"] / throughput["fp32"]["it_per_cpu_min"]
+            show(f"speed/throughput/{name}", row)
+        speed["throughput"] = throughput
         for bs in (1, 16):
             speed[f"inference_b{bs}"] = in_subprocess(inference_speed, args.config, base, args.threads, bs, 32)
         results["speed"] = speed

@@ -22,6 +22,14 @@ from recontrast.config import EvalConfig
 FORMULA = "normalised = 0.5 * (raw - map_offset) / (threshold - map_offset); displays clip to [0, 1]"
 
 
+THRESHOLD_KEYS = ("threshold_f1", "threshold_normal")
+
+
+def is_calibrated(calibration: dict[str, Any] | None) -> bool:
+    """Returns whether a checkpoint's calibration holds a threshold (it was evaluated)."""
+    return any((calibration or {}).get(k) is not None for k in THRESHOLD_KEYS)
+
+
 def threshold_scale(raw, threshold: float, offset: float = 0.0):
     """Returns `raw` (score, map; array or tensor) on the fixed scale where threshold -> 0.5.
 

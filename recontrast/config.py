@@ -59,6 +59,9 @@ class ModelConfig:
     # gradients and BN statistics are unchanged.
     recompute_decoder: bool = False
     recompute_encoder: bool = False
+    # torch.compile of the network (encoders, bottleneck, decoder, heads) for training and
+    # evaluation: off in the paper; needs a C++ compiler on CPU (Triton on CUDA).
+    compile: bool = False
 
 
 @dataclass
@@ -87,7 +90,19 @@ class TrainConfig:
     eps: float = 1e-8
     seed: int = 0
     device: str = "auto"  # auto = cuda > mps > cpu
-    amp: str = "none"  # none | bf16 | fp16
+    # Autocast precision of the forward passes, in training and evaluation: "fp32" (the
+    # paper), "bf16", "fp16" (CUDA only, with a gradient scaler) or "auto" (bf16 where the device
+    # runs it natively: CUDA with bf16, a CPU with avx512_bf16 or AMX; fp32 elsewhere). The
+    # loss, partial-BN statistics, anomaly maps and metrics stay fp32 (runtime.autocast).
+    precision: str = "fp32"
+    # The frozen encoder's features of every training image computed once and reused: its
+    # weights never change and the recipe has no augmentation, so they are the same every
+    # epoch (bit-identical training, one encoder forward per step fewer). Skipped, saying so,
+    # when they would not fit in `cache_features_gb` of memory.
+    cache_features: bool = False
+    cache_features_gb: float = 4.0
+    # CUDA: let cuDNN time its algorithms for the (fixed) input shapes on the first steps.
+    cudnn_benchmark: bool = False
     threads: int = 0  # torch CPU threads; 0 = torch's default
     # CPU (Linux/glibc): keep freed memory in the process during training instead of paying
     # page faults for fresh pages every step (recontrast/cpu_memory.py): same numerics,
@@ -196,6 +211,19 @@ def encoder_bn_mode(cfg: Config) -> str:
     return "eval" if cfg.data.category in BN_EVAL_CATEGORIES else "train"
 
 
+def stable_loss_config(cfg: Config) -> LossConfig:
+    """Returns cfg.loss, with the stable variant's alpha warm-up of at least 20 % (method.md)."""
+    if not cfg.train.stable or cfg.loss.warmup_fraction >= 0.2:
+        return cfg.loss
+    return dataclasses.replace(cfg.loss, warmup_fraction=0.2)
+
+
+def warmup_iters(cfg: Config) -> int:
+    """Returns the length of the alpha warm-up (method.md), after which divergence is watched."""
+    loss = stable_loss_config(cfg)
+    return max(math.ceil(loss.warmup_fraction * cfg.train.iters), loss.warmup_min_iters)
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
@@ -260,8 +288,15 @@ def _did_you_mean(name: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f"; valid: {', '.join(options)}"
 
 
+# Keys renamed since checkpoints were first written: old name -> (new name, old value -> new value).
+RENAMED = {"train.amp": ("train.precision", {"none": "fp32"})}
+
+
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Sets one leaf by its dotted key ('train.iters'), with type checks and did-you-mean."""
+    if dotted in RENAMED:  # an older checkpoint's or config's name for the key
+        dotted, values = RENAMED[dotted]
+        value = values.get(value, value)
     parts = str(dotted).split(".")
     sections = [f.name for f in dataclasses.fields(cfg)]
     if len(parts) != 2 or parts[0] not in sections:

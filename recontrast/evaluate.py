@@ -39,6 +39,7 @@ PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 NO_MASKS = ("pixel metrics are n/a: the test split has no ground-truth masks (image-level labels "
             "only, e.g. no ground_truth/ folder); image metrics are complete")
 PROXY_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+PROXY_PREFIX = "proxy/"  # every proxy metric's name starts so
 PROXY_SCORE = "proxy/score"  # the mean of the proxy metrics: what train.select=proxy maximises
 
 

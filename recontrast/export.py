@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from recontrast.calibration import is_calibrated
 from recontrast.infer import Detector, calibrated_settings, normal_batches
 from recontrast.model import load_model
 from recontrast.runtimes import InferenceGraph, check_runtime, model_path, require_packages
@@ -52,7 +53,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str | Non
     model, cfg, state = load_model(checkpoint, "cpu")
     calibration = state.get("calibration") or {}
     size = int(image_size or cfg.data.image_size)
-    if any(calibration.get(k) is not None for k in ("threshold_f1", "threshold_normal")):
+    if is_calibrated(calibration):
         # The thresholds in the metadata apply only to scores computed as they were calibrated.
         _, calibrated_size = calibrated_settings(calibration, cfg.eval, str(checkpoint))
         if image_size is not None and image_size != calibrated_size:

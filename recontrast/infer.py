@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from recontrast import plots, runtimes
 from recontrast.anomaly_map import image_score, maps_for, max_map_value
-from recontrast.calibration import pick_threshold, threshold_scale
+from recontrast.calibration import is_calibrated, pick_threshold, threshold_scale
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import DataConfig, EvalConfig, from_dict
 from recontrast.data import FolderDataset, MVTecDataset
@@ -188,7 +188,7 @@ class Detector:
 
     @property
     def calibrated(self) -> bool:
-        return any(self.calibration.get(k) is not None for k in ("threshold_f1", "threshold_normal"))
+        return is_calibrated(self.calibration)
 
     @property
     def runtime(self) -> str:

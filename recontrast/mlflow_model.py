@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from recontrast.calibration import is_calibrated
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.config import from_dict
 from recontrast.images import IMAGE_EXTENSIONS, load_rgb, resize_rgb
@@ -38,10 +39,11 @@ WEIGHTS = "weights.ckpt"
 INFERENCE_KEYS = ("format", "model", "config", "iteration", "calibration", "selection")
 
 
-def inference_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+def inference_checkpoint(checkpoint: str | Path, out: str | Path, ckpt: dict[str, Any] | None = None) -> Path:
     """Returns `out` after writing the checkpoint's inference part to it (a checkpoint that
-    `Detector.load`, `recontrast predict` and `recontrast evaluate` read like the full one)."""
-    ckpt = load_checkpoint(checkpoint)
+    `Detector.load`, `recontrast predict` and `recontrast evaluate` read like the full one);
+    `ckpt`: its contents when already read."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     save_checkpoint(Path(out), {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt})
     return Path(out)
 
@@ -89,25 +91,21 @@ def requirements() -> list[str]:
     return found
 
 
-def calibrated(ckpt: dict[str, Any]) -> bool:
-    calibration = ckpt.get("calibration") or {}
-    return calibration.get("threshold_normal") is not None or calibration.get("threshold_f1") is not None
-
-
 def log_detector(run_id: str, checkpoint: str | Path, uri: str | None = None, step: int = 0,
-                 threshold: str = "normal"):
+                 threshold: str = "normal", ckpt: dict[str, Any] | None = None):
     """Returns the LoggedModel 'detector' logged to run `run_id` from `checkpoint` (None, with
     a warning, when the checkpoint holds no calibration: evaluate it first).
 
     `step`: the run's step the model belongs to (the evaluation's). Every call goes through
-    the store's client: MLflow's global tracking URI and active run are left alone.
+    the store's client: MLflow's global tracking URI and active run are left alone. `ckpt`:
+    the checkpoint's contents when the caller holds them (the file is not read again).
     """
     import mlflow
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    ckpt = load_checkpoint(checkpoint)
-    if not calibrated(ckpt):
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
+    if not is_calibrated(ckpt.get("calibration")):
         log.warning("no MLflow model logged for %s: it holds no calibration (run `recontrast "
                     "evaluate --checkpoint %s` first)", checkpoint, checkpoint)
         return None
@@ -120,7 +118,7 @@ def log_detector(run_id: str, checkpoint: str | Path, uri: str | None = None, st
                   tags=tags, params={k: v[:6000] for k, v in run.data.params.items()})
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            weights = inference_checkpoint(checkpoint, Path(tmp) / WEIGHTS)
+            weights = inference_checkpoint(checkpoint, Path(tmp) / WEIGHTS, ckpt)
             meta = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                          model_id=model.model_id)
             mlflow.pyfunc.save_model(Path(tmp) / "model", mlflow_model=meta, python_model=str(CODE),

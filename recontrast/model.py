@@ -20,6 +20,7 @@ from recontrast.backbones import create_encoder, pretrained_normalization
 from recontrast.checkpoint import CheckpointError, load_checkpoint
 from recontrast.config import Config, encoder_bn_mode, from_dict
 from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
+from recontrast.runtime import autocast
 
 Pairs = list[tuple[Tensor, Tensor]]
 DECODER_BLOCKS = (3, 4, 6)  # de-Bottleneck blocks per stage: H/32->H/16, ->H/8, ->H/4
@@ -235,7 +236,7 @@ class ReContrast(nn.Module):
     def __init__(self, encoder: nn.Module, channels: list[int], *, domain_adaptation: bool = True,
                  contrast: bool = True, encoder_bn: str = "train", stable: bool = False,
                  width_mult: float = 1.0, channels_last: bool = False, recompute_decoder: bool = False,
-                 recompute_encoder: bool = False,
+                 recompute_encoder: bool = False, precision: str = "fp32",
                  input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         if encoder_bn not in ("train", "eval"):
@@ -246,6 +247,7 @@ class ReContrast(nn.Module):
         self.encoder_bn = encoder_bn
         self.stable = stable
         self.channels_last = channels_last
+        self.precision = precision  # train.precision: the autocast of every forward (runtime.autocast)
 
         self.encoder_frozen = copy.deepcopy(encoder) if domain_adaptation else encoder
         self.encoder_frozen.requires_grad_(False)
@@ -292,10 +294,20 @@ class ReContrast(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, x: Tensor) -> Pairs:
-        x = self._prepare(x)
-        with torch.no_grad():
-            frozen = self.encoder_frozen(x)
+    def forward(self, x: Tensor, frozen: list[Tensor] | None = None) -> Pairs:
+        """`frozen`: the frozen encoder's features of `x` when already known (train.cache_features)."""
+        with autocast(self.precision, x.device):
+            return self._pairs(self._prepare(x), frozen)
+
+    def frozen_features(self, x: Tensor) -> list[Tensor]:
+        """Returns the frozen encoder's features of x, as forward computes them."""
+        with autocast(self.precision, x.device), torch.no_grad():
+            return self.encoder_frozen(self._prepare(x))
+
+    def _pairs(self, x: Tensor, frozen: list[Tensor] | None) -> Pairs:
+        if frozen is None:
+            with torch.no_grad():
+                frozen = self.encoder_frozen(x)
         if self.encoder is None:
             preds = [head(d) for head, d in zip(self.heads[0], self.decoder(self.bottleneck(frozen)))]
             return list(zip(frozen, preds))
@@ -316,8 +328,8 @@ class ReContrast(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                return self(x)
+            with torch.no_grad():  # maps and metrics in fp32 whatever the forward's precision
+                return [(t.float(), p.float()) for t, p in self(x)]
         finally:
             self.train(was_training)
 
@@ -353,9 +365,9 @@ def _init_like_reference(*modules: nn.Module) -> None:
 
 
 def build_model(cfg: Config) -> ReContrast:
-    """Returns the ReContrast model that `cfg.model` (and `cfg.train.stable`) describe."""
+    """Returns the ReContrast model that `cfg.model` (and `cfg.train.stable`, `.precision`) describe."""
     encoder, channels = create_encoder(cfg.model.backbone, cfg.model.pretrained)
-    return ReContrast(
+    model = ReContrast(
         encoder,
         channels,
         domain_adaptation=cfg.model.domain_adaptation,
@@ -366,8 +378,21 @@ def build_model(cfg: Config) -> ReContrast:
         channels_last=cfg.model.channels_last,
         recompute_decoder=cfg.model.recompute_decoder,
         recompute_encoder=cfg.model.recompute_encoder,
+        precision=cfg.train.precision,
         input_norm=pretrained_normalization(cfg.model.backbone),
     )
+    if cfg.model.compile:
+        compile_network(model)
+    return model
+
+
+def compile_network(model: ReContrast) -> ReContrast:
+    """Compiles encoders, bottleneck, decoder and heads in place (torch.compile, model.compile):
+    training and evaluation run the compiled code; parameters and state_dict keys are unchanged."""
+    for part in (model.encoder_frozen, model.encoder, model.bottleneck, model.decoder):
+        if part is not None:
+            part.compile()
+    return model
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[ReContrast, Config, dict]:

@@ -13,16 +13,17 @@ import contextlib
 import logging
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from recontrast import plots, tracking
 from recontrast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recontrast.config import Config, apply_overrides, load_config, validate
+from recontrast.config import Config, apply_overrides, load_config, validate, warmup_iters
 from recontrast.data import Datasets, build_datasets
 from recontrast.defects import ProxyDataset
 from recontrast.distributed import is_main_process
-from recontrast.evaluate import EvalResult, evaluate, make_eval_fn, proxy_metrics
+from recontrast.evaluate import PROXY_PREFIX, EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
 from recontrast.locks import folder_lock
 from recontrast.mlflow_store import (RUN_FOLDER_TAG, check_reachable, get_client, run_of_folder, tracking_uri,
@@ -31,7 +32,7 @@ from recontrast.model import load_model
 from recontrast.preflight import check_device, check_evaluation_overrides, check_resumable
 from recontrast.report import write_outputs
 from recontrast.runtime import pick_device
-from recontrast.train import Callback, TrainResult, train, warmup_iters
+from recontrast.train import Callback, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,28 @@ def proxy_dataset(cfg: Config, datasets: Datasets) -> ProxyDataset | None:
 
 
 def evaluate_and_store(model, cfg: Config, datasets: Datasets, checkpoint: Path, out_dir: Path,
-                       iteration: int, store: bool = True, loss_history: list[float] | None = None) -> EvalResult:
+                       iteration: int, store: bool = True, loss_history: list[float] | None = None,
+                       known: PostTraining | None = None) -> EvalResult:
     """Returns the EvalResult of `model` on datasets.test, plus its proxy/* metrics, with its
     reports written to `out_dir` and (with `store`) its calibration saved into `checkpoint`.
-    With the run's `loss_history`, a failed training is noted in the reports (health.assess)."""
+
+    With the run's `loss_history`, a failed training is noted in the reports (health.assess).
+    `known`: what the training that just ended already has (its proxy set, the proxy metrics
+    of these very weights, its health): reused, not computed again; the checkpoint it stores
+    the calibration into is kept there for the MLflow model.
+    """
     device = pick_device(cfg.train.device)
     result = evaluate(model, datasets.test, cfg.eval, device, datasets.val, keep_samples=True)
-    proxy = proxy_dataset(cfg, datasets)
-    if proxy is not None:
-        result.metrics.update(proxy_metrics(model, proxy, cfg.eval, device))
-    if loss_history is not None:
-        health = assess(loss_history, warmup_iters(cfg), result.metrics)
-        if health.status == NOT_CONVERGED:
-            result.notes.append(health.message)
+    if known is not None and known.proxy_metrics:
+        result.metrics.update(known.proxy_metrics)
+    else:
+        proxy = known.proxy if known is not None else proxy_dataset(cfg, datasets)
+        if proxy is not None:
+            result.metrics.update(proxy_metrics(model, proxy, cfg.eval, device))
+    health = known.health if known is not None else (
+        assess(loss_history, warmup_iters(cfg), result.metrics) if loss_history is not None else None)
+    if health is not None and health.status == NOT_CONVERGED:
+        result.notes.append(health.message)
     result.calibration.update(category=cfg.data.category, data_root=str(cfg.data.root),
                               iteration=int(iteration))
     write_outputs(result, cfg.eval, out_dir, getattr(datasets.test, "category", None) or cfg.data.category)
@@ -65,28 +75,55 @@ def evaluate_and_store(model, cfg: Config, datasets: Datasets, checkpoint: Path,
         ckpt = load_checkpoint(checkpoint)
         ckpt["calibration"] = result.calibration
         save_checkpoint(checkpoint, ckpt)
+        if known is not None:
+            known.checkpoint_state = ckpt
     return result
 
 
+@dataclass
+class PostTraining:
+    """What the end of a training knows, computed once and passed on to evaluation and logging."""
+
+    proxy: ProxyDataset | None  # the held-out images with synthetic defects, built once per run
+    proxy_metrics: dict[str, float] = field(default_factory=dict)  # of the final (or selected) weights
+    health: Health | None = None
+    checkpoint_state: dict[str, Any] | None = None  # the calibrated checkpoint, once stored
+
+
+@dataclass
+class RunOptions:
+    """How run_training runs and records a training (its keyword arguments, grouped)."""
+
+    resume: bool = False
+    track: bool = True
+    evaluate_at_end: bool = True
+    callbacks: Sequence[Callback] = ()
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, Any] | None = None
+    # Log the calibrated checkpoint as the run's MLflow model; None: when evaluated here.
+    log_checkpoint: bool | None = None
+
+
 # ----------------------------------------------------------------------------- training
-def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate_at_end: bool = True,
-                 callbacks: Sequence[Callback] = (), datasets: Datasets | None = None,
-                 run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: dict[str, Any] | None = None, log_checkpoint: bool | None = None):
+def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOptions | None = None,
+                 **option_values: Any):
     """Returns (TrainResult, EvalResult or None, run id or None): trains cfg, evaluates the
     final model with figures, and logs both (config, metrics, checkpoint, figures) to one run.
 
+    `options` (or its fields as keywords: resume=True, run_name=..., ...) say how; see RunOptions.
     With resume=True the run recorded in <train.out>/mlflow_run_id is reopened (when it
     trained in this very folder: a copied folder gets a run of its own). The
     checkpoint is logged when evaluated here (log_checkpoint=None), so the logged copy holds
     its calibration; without evaluation, notebook 03 / log_evaluation(log_checkpoint=True) logs it.
     """
+    opts = options if options is not None else RunOptions(**option_values)
     # A dataset (every file decoded), device or tracking server that cannot work stops here,
     # a batch size or backbone in train()'s checks: before any run exists, and the run folder
     # is removed again when nothing was written to it. What fails later is recorded in the
     # run (FAILED/KILLED). One process at a time owns the run folder.
     check_device(cfg)
-    if track and cfg.tracking.enabled:
+    if opts.track and cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg))
     data = datasets if datasets is not None else build_datasets(cfg.data)
     # Under torchrun the ranks of one training share the folder: rank 0 holds its lock.
@@ -94,43 +131,41 @@ def run_training(cfg: Config, resume: bool = False, track: bool = True, evaluate
     lock = folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)") \
         if owner else contextlib.nullcontext()
     with lock:
-        if resume:
+        if opts.resume:
             check_resumable(cfg)
-        return _run_training(cfg, data, resume, track, evaluate_at_end, callbacks, run_name, parent_run_id,
-                             tags, log_checkpoint)
+        return _run_training(cfg, data, opts)
 
 
-def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evaluate_at_end: bool,
-                  callbacks: Sequence[Callback], run_name: str | None, parent_run_id: str | None,
-                  tags: dict[str, Any] | None, log_checkpoint: bool | None):
+def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
     """Returns what run_training returns; the caller holds the run folder's lock."""
     if not is_main_process():  # torchrun: rank 0 alone logs to MLflow, evaluates and writes reports
-        return train(cfg, callbacks=callbacks, resume=resume, datasets=data), None, None
-    proxy = proxy_dataset(cfg, data)
+        return train(cfg, callbacks=opts.callbacks, resume=opts.resume, datasets=data), None, None
+    known = PostTraining(proxy_dataset(cfg, data))
     # Test metrics during training only when asked (eval_every); proxy metrics always, at
     # eval_every and at the end: what train.select=proxy and the health check read.
     test = data.test if cfg.train.eval_every > 0 else None
-    eval_fn = make_eval_fn(test, cfg.eval, data.val, proxy) if test is not None or proxy is not None else None
+    eval_fn = make_eval_fn(test, cfg.eval, data.val, known.proxy) if test is not None or known.proxy else None
     out = Path(cfg.train.out)
 
     def finish(result: TrainResult, run: tracking.Run | None) -> EvalResult | None:
-        check_health(cfg, result, run)
-        if not evaluate_at_end:
+        known.health = check_health(cfg, result, run)
+        known.proxy_metrics = {k: v for k, v in result.metrics.items() if k.startswith(PROXY_PREFIX)}
+        if not opts.evaluate_at_end:
             return None
         return evaluate_and_store(result.model, cfg, data, result.checkpoint, out / "eval",
-                                  result.selected_iteration or result.iterations, loss_history=result.loss_history)
+                                  result.selected_iteration or result.iterations, known=known)
 
-    if not (track and cfg.tracking.enabled):
-        result = train(cfg, callbacks=callbacks, resume=resume, eval_fn=eval_fn, datasets=data)
+    if not (opts.track and cfg.tracking.enabled):
+        result = train(cfg, callbacks=opts.callbacks, resume=opts.resume, eval_fn=eval_fn, datasets=data)
         return result, finish(result, None), None
 
     # Reopen the folder's run only if it trained in this very folder (not in the one this was copied from).
-    previous = run_of_folder(get_client(cfg), out) if resume else None
-    tags = {**(tags or {}), RUN_FOLDER_TAG: str(out.resolve())}
+    previous = run_of_folder(get_client(cfg), out) if opts.resume else None
+    tags = {**(opts.tags or {}), RUN_FOLDER_TAG: str(out.resolve())}
     with contextlib.ExitStack() as stack:
         def open_run() -> tracking.Run:
-            run = stack.enter_context(tracking.start_run(cfg, run_name=run_name, run_id=previous,
-                                                         parent_run_id=parent_run_id, tags=tags,
+            run = stack.enter_context(tracking.start_run(cfg, run_name=opts.run_name, run_id=previous,
+                                                         parent_run_id=opts.parent_run_id, tags=tags,
                                                          log_system_metrics=True))
             try:
                 write_run_id(out, run.run_id)
@@ -143,7 +178,8 @@ def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evalua
 
         callback = tracking.MLflowCallback(open_run)
         try:
-            result = train(cfg, callbacks=[callback, *callbacks], resume=resume, eval_fn=eval_fn, datasets=data)
+            result = train(cfg, callbacks=[callback, *opts.callbacks], resume=opts.resume, eval_fn=eval_fn,
+                           datasets=data)
         except BaseException:
             with contextlib.suppress(Exception):
                 callback.flush()  # the last metrics before the crash
@@ -154,10 +190,10 @@ def _run_training(cfg: Config, data: Datasets, resume: bool, track: bool, evalua
         if evaluation is not None:
             tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, uri=run.client.tracking_uri,
                                     step=result.iterations)
-        if evaluate_at_end if log_checkpoint is None else log_checkpoint:
+        if opts.evaluate_at_end if opts.log_checkpoint is None else opts.log_checkpoint:
             # After evaluation (calibrated); the folder's lock keeps any other recontrast
             # process from replacing the file since this run wrote it.
-            tracking.log_trained_model(run, result.checkpoint, step=result.iterations)
+            tracking.log_trained_model(run, result.checkpoint, step=result.iterations, ckpt=known.checkpoint_state)
     return result, evaluation, run.run_id
 
 

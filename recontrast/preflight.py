@@ -13,14 +13,14 @@ import torch
 
 from recontrast.checkpoint import CheckpointError, load_checkpoint
 from recontrast.config import Config, ConfigError
-from recontrast.runtime import pick_device
+from recontrast.runtime import autocast_dtype, pick_device
 
 # What shapes the weights: a resume with another value cannot load the checkpoint.
 SHAPE_KEYS = ("model.backbone", "model.width_mult", "model.domain_adaptation")
 
 
 def check_device(cfg: Config) -> torch.device:
-    """Returns the training device; raises ConfigError when it (or train.amp on it) cannot work here."""
+    """Returns the training device; raises ConfigError when it (or train.precision on it) cannot work here."""
     device = pick_device(cfg.train.device)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"train.device={cfg.train.device} but this machine has {torch.cuda.device_count()} "
@@ -28,8 +28,7 @@ def check_device(cfg: Config) -> torch.device:
     mps = getattr(torch.backends, "mps", None)
     if device.type == "mps" and not (mps is not None and mps.is_available()):
         raise ConfigError("train.device=mps but MPS is not available here; use train.device=auto")
-    if cfg.train.amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.amp=fp16 needs CUDA (GradScaler); use train.amp=bf16 or none on {device.type}")
+    autocast_dtype(cfg.train.precision, device)  # fp16 off CUDA raises, naming the fix
     return device
 
 
@@ -56,7 +55,7 @@ def check_resumable(cfg: Config) -> None:
 # Settings fixed by the checkpoint (the model is rebuilt from its own config).
 _TRAINED = ("model.", "loss.", "train.iters", "train.batch_size", "train.lr", "train.encoder_lr",
             "train.betas", "train.weight_decay", "train.eps", "train.seed", "train.stable",
-            "train.reset_every", "train.encoder_pause", "train.select", "train.amp", "train.drop_last")
+            "train.reset_every", "train.encoder_pause", "train.select", "train.drop_last")
 
 
 def check_evaluation_overrides(trained: dict[str, Any], cfg: Config) -> None:
@@ -65,5 +64,5 @@ def check_evaluation_overrides(trained: dict[str, Any], cfg: Config) -> None:
     ignored = [f"{k}={v}" for k, v in cfg.flatten().items() if trained[k] != v and k.startswith(_TRAINED)]
     if ignored:
         raise ConfigError(f"evaluate cannot change {', '.join(ignored)}: the model is rebuilt from the "
-                          f"checkpoint's settings; only data.*, eval.*, tracking.*, train.device and "
-                          f"train.threads can change here (train a new model for the others)")
+                          f"checkpoint's settings; only data.*, eval.*, tracking.*, train.device, "
+                          f"train.threads and train.precision can change here (train a new model for the others)")

@@ -31,6 +31,33 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Returns whether this CPU runs bf16 matrix work natively (avx512_bf16 or AMX, as oneDNN sees it)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """Returns the autocast dtype of train.precision on `device` (None: fp32, no autocast);
+    'auto' is bf16 where the device runs it natively, fp32 elsewhere."""
+    kind = torch.device(device).type
+    if precision == "auto":
+        native = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if kind == "cuda" else (
+            kind == "cpu" and cpu_has_bf16())
+        precision = "bf16" if native else "fp32"
+    if precision == "fp16" and kind != "cuda":
+        raise ConfigError(f"train.precision=fp16 needs CUDA (a gradient scaler keeps its small gradients); "
+                          f"use train.precision=bf16, auto or fp32 on {kind}")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(precision: str, device: torch.device | str):
+    """Returns the autocast context of train.precision on `device` (a no-op for fp32)."""
+    dtype = autocast_dtype(precision, device)
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
+
+
 def seed_everything(seed: int) -> None:
     """Seeds python's random, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)

@@ -81,6 +81,8 @@ class InferenceGraph(nn.Module):
     def __init__(self, model: nn.Module, eval_cfg: EvalConfig, image_size: int):
         super().__init__()
         self.model, self.eval_cfg, self.image_size = model.eval(), eval_cfg, image_size
+        if hasattr(model, "precision"):
+            model.precision = "fp32"  # an exported graph is fp32 (or int8): no autocast is traced into it
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         e = self.eval_cfg

@@ -371,14 +371,15 @@ def log_evaluation(result, checkpoint: str | Path, run_id: str | None = None, ur
     return run_id
 
 
-def log_trained_model(run: Run, checkpoint: str | Path, step: int = 0) -> None:
+def log_trained_model(run: Run, checkpoint: str | Path, step: int = 0, ckpt: dict | None = None) -> None:
     """Logs a calibrated checkpoint to `run` as the MLflow model 'detector' (a pyfunc model
     with the inference weights, no optimizer state: mlflow_model.log_detector) and, with
-    tracking.log_full_checkpoint, the whole checkpoint under checkpoint/ (to resume elsewhere)."""
-    cfg = from_dict(load_checkpoint(checkpoint)["config"])
-    if cfg.tracking.log_full_checkpoint:
+    tracking.log_full_checkpoint, the whole checkpoint under checkpoint/ (to resume elsewhere).
+    `ckpt`: the checkpoint's contents when the caller holds them (the file is not read again)."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
+    if from_dict(ckpt["config"]).tracking.log_full_checkpoint:
         run.log_artifact(checkpoint, "checkpoint")
-    mlflow_model.log_detector(run.run_id, checkpoint, uri=run.client.tracking_uri, step=step)
+    mlflow_model.log_detector(run.run_id, checkpoint, uri=run.client.tracking_uri, step=step, ckpt=ckpt)
 
 
 def _log_evaluation_in_new_run(result, checkpoint, uri, step) -> str:

@@ -1,7 +1,9 @@
 """Training: one readable loop over iterations, two AdamW optimizers, atomic checkpoints.
 
-`train(cfg)` is the whole recipe of docs/method.md; `Callback` is the only hook (MLflow
-tracking subclasses it; `recontrast.pipeline` ties training, evaluation and tracking).
+`train(cfg)` is the whole recipe of docs/method.md: `setup` builds (or resumes) everything
+the loop needs, and the loop in `train` reads top to bottom, one comment per step.
+`Callback` is the only hook (MLflow tracking subclasses it; `recontrast.pipeline` ties
+training, evaluation and tracking).
 Sampling is a pure function of (seed, iteration), and the checkpoint holds model,
 optimizers, RNG and loss history, so `resume=True` continues bit-identically where a
 killed run stopped. Under torchrun each process trains on its slice of that global batch
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recontrast.checkpoint import (config_changes, load_checkpoint, restore_training_state,
                                    save_checkpoint, training_state)
-from recontrast.config import Config, ConfigError
+from recontrast.config import Config, ConfigError, stable_loss_config, warmup_iters
 from recontrast.cpu_memory import reuse_freed_memory
 from recontrast.data import build_datasets
 from recontrast.distributed import (GlobalBatchLoss, World, check_batch, join, mean_over_ranks, rank_part,
@@ -33,7 +35,7 @@ from recontrast.distributed import (GlobalBatchLoss, World, check_batch, join, m
 from recontrast.evaluate import PROXY_SCORE
 from recontrast.loss import ReContrastLoss
 from recontrast.model import build_model
-from recontrast.runtime import pick_device, progress_bar, progress_lines, seed_everything
+from recontrast.runtime import autocast_dtype, pick_device, progress_bar, progress_lines, seed_everything
 
 log = logging.getLogger(__name__)
 _STACK_LIMIT_BYTES = 4 << 30  # stack the cached train set into one tensor below this size
@@ -130,16 +132,65 @@ class TrainBatches:
             raise ConfigError(f"train.batch_size={bs} but only {n} training images{held} in {where}; lower it")
         check_batch(bs, here, n if not cfg.train.drop_last else 0)
         first = dataset[0]["image"]
-        self.images = None  # decoded once by the dataset's cache; stacked here when it fits
+        self.images = None  # decoded once by the dataset's cache; stacked here, on the device, when it fits
         if n * first.numel() * first.element_size() <= _STACK_LIMIT_BYTES:
             self.images = torch.stack([dataset[i]["image"] for i in range(n)]).to(device)
 
-    def __call__(self, iteration: int) -> torch.Tensor:
+    def indices(self, iteration: int) -> torch.Tensor:
+        """Returns the dataset indices of batch `iteration` (this rank's part of it)."""
         t = self.cfg.train
-        idx = rank_part(batch_indices(len(self.dataset), t.batch_size, t.seed, iteration, t.drop_last), self.here)
+        return rank_part(batch_indices(len(self.dataset), t.batch_size, t.seed, iteration, t.drop_last), self.here)
+
+    def __call__(self, iteration: int) -> torch.Tensor:
+        idx = self.indices(iteration)
         if self.images is not None:
             return self.images[idx.to(self.device)]
-        return torch.stack([self.dataset[i]["image"] for i in idx.tolist()]).to(self.device)
+        batch = torch.stack([self.dataset[i]["image"] for i in idx.tolist()])
+        if self.device.type == "cuda":  # page-locked, so the copy overlaps the GPU's work
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+
+class FrozenFeatures:
+    """The frozen encoder's features of every training image, computed once (train.cache_features).
+
+    The frozen encoder never changes and the recipe has no augmentation, so its features of an
+    image are the same every epoch. They are computed in batches of train.batch_size, in the
+    training's layout and precision: `__call__(iteration)` gives what the forward pass would
+    compute for batch `iteration`, or None when caching is off or the features would not fit.
+    """
+
+    def __init__(self, model: nn.Module, batches: TrainBatches, cfg: Config):
+        self.features: list[torch.Tensor] | None = None
+        self.batches, t = batches, cfg.train
+        if not t.cache_features:
+            return
+        if batches.images is None:
+            log.warning("train.cache_features: the training images do not fit in memory at once; "
+                        "the frozen features are computed every step")
+            return
+        images, bs = batches.images, t.batch_size
+        per_image = sum(f[0].numel() * f.element_size() for f in model.frozen_features(images[:1]))
+        needed = per_image * len(images) / 2**30
+        if needed > t.cache_features_gb:
+            log.warning("train.cache_features: the frozen features need %.1f GB, more than train.cache_features_gb"
+                        "=%.1f; they are computed every step", needed, t.cache_features_gb)
+            return
+        chunks = [model.frozen_features(images[i:i + bs]) for i in range(0, len(images), bs)]
+        self.features = [torch.cat(level) for level in zip(*chunks)]
+        log.info("train.cache_features: frozen features of %d images kept (%.2f GB)", len(images), needed)
+
+    def __call__(self, iteration: int) -> list[torch.Tensor] | None:
+        if self.features is None:
+            return None
+        idx = self.batches.indices(iteration).to(self.features[0].device)
+        # the layout the encoder gives (channels_last or not), so the decoder computes the same bits
+        return [f[idx].contiguous(memory_format=_layout(f)) for f in self.features]
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def rising_trend(losses: Sequence[float], min_rise: float = 0.1, min_t: float = 3.0) -> bool:
@@ -156,19 +207,6 @@ def rising_trend(losses: Sequence[float], min_rise: float = 0.1, min_t: float = 
     return rise > min_rise and slope > min_t * stderr
 
 
-def stable_loss_config(cfg: Config):
-    """Returns cfg.loss, with the stable variant's alpha warm-up of at least 20 % (method.md)."""
-    if not cfg.train.stable or cfg.loss.warmup_fraction >= 0.2:
-        return cfg.loss
-    return replace(cfg.loss, warmup_fraction=0.2)
-
-
-def warmup_iters(cfg: Config) -> int:
-    """Returns the length of the alpha warm-up (method.md), after which divergence is watched."""
-    loss = stable_loss_config(cfg)
-    return max(math.ceil(loss.warmup_fraction * cfg.train.iters), loss.warmup_min_iters)
-
-
 def build_optimizers(cfg: Config, model: nn.Module, device: torch.device) -> list[torch.optim.AdamW]:
     """Returns [decoder AdamW] plus [encoder AdamW] when the model has a trainable encoder."""
     t = cfg.train
@@ -183,10 +221,121 @@ def build_optimizers(cfg: Config, model: nn.Module, device: torch.device) -> lis
     return optimizers
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.amp=fp16 needs CUDA (GradScaler); use train.amp=bf16 or none on {device.type}")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+class Dispatch:
+    """Calls one hook on every callback in turn: `calls.on_log(iteration, metrics)`."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = list(callbacks)
+
+    def __getattr__(self, hook: str) -> Callable[..., None]:
+        def call(*args, **kwargs) -> None:
+            for cb in self.callbacks:
+                getattr(cb, hook)(*args, **kwargs)
+        return call
+
+
+@dataclass
+class Setup:
+    """What the loop works with: built, and resumed from last.ckpt, by `setup`."""
+
+    cfg: Config
+    here: World
+    device: torch.device
+    model: nn.Module
+    forward: Callable  # the model, or its DistributedDataParallel wrapper under torchrun
+    optimizers: list[torch.optim.AdamW]
+    scaler: torch.amp.GradScaler
+    loss_fn: ReContrastLoss
+    batches: TrainBatches
+    frozen: FrozenFeatures
+    selector: ProxySelection
+    calls: Dispatch
+    eval_fn: Callable[[nn.Module, int], dict] | None
+    path: Path
+    start: int = 0
+    history: list[float] = field(default_factory=list)
+    last_good: Path | None = None
+
+    def schedule(self, it: int) -> list[torch.optim.AdamW]:
+        """Returns the optimizers that step at iteration `it`: the stable variant resets the
+        decoder's Adam moments every reset_every iterations and then pauses the encoder."""
+        t = self.cfg.train
+        if t.stable and it > 0 and it % t.reset_every == 0:
+            self.optimizers[0].state.clear()
+        paused = t.stable and it >= t.reset_every and it % t.reset_every < t.encoder_pause
+        return self.optimizers[:1] if paused else self.optimizers
+
+    def step(self, loss: torch.Tensor, stepped: list[torch.optim.AdamW]) -> None:
+        """Back-propagates `loss` (scaled under fp16) and steps the optimizers in `stepped`."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for opt in stepped:
+            self.scaler.step(opt)
+        self.scaler.update()
+
+    def state(self, iteration: int) -> dict[str, Any]:
+        return training_state(self.cfg, self.model, self.optimizers, self.scaler, iteration, self.history)
+
+    def save(self, iteration: int) -> None:
+        """Writes last.ckpt (rank 0), once every weight is known to be finite."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise _diverged(iteration, "a weight", self.last_good, self.calls)
+        if self.here.is_main:
+            self.calls.before_checkpoint(iteration)
+            save_checkpoint(self.path, self.state(iteration))
+            self.calls.on_checkpoint(iteration, self.path)
+        self.last_good = self.path
+
+    def evaluate(self, iteration: int, result: TrainResult) -> int:
+        """Evaluates the model (eval_fn), tells the callbacks, offers it to the proxy selection."""
+        self.model.eval()
+        result.metrics = dict(self.eval_fn(self.model, iteration) or {})
+        self.model.train()
+        self.calls.on_eval(iteration, result.metrics)
+        self.selector.offer(result.metrics, lambda: self.state(iteration))
+        return iteration
+
+
+def setup(cfg: Config, callbacks: Sequence[Callback], resume: bool, eval_fn, datasets) -> Setup:
+    """Returns the model, optimizers, batches and state of a training (resumed with `resume`)."""
+    t = cfg.train
+    here, device = join(pick_device(t.device))  # torchrun: this rank's device, the process group
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    seed_everything(t.seed)
+    datasets = datasets if datasets is not None else build_datasets(cfg.data)
+    batches = TrainBatches(datasets.train, cfg, device, here)  # checks batch size before any work
+    if not here.is_main:  # rank 0 alone logs, evaluates and writes files
+        callbacks, eval_fn = (), None
+    model = build_model(cfg).to(device)  # stable (partial BN), encoder BN mode, channels_last, compile
+    if here.distributed and t.sync_bn:
+        sync_batchnorm(model)  # BN statistics over the global batch, as in one process
+    # Under torchrun, gradients are averaged over the ranks: the gradient of the global batch's mean loss.
+    forward = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+               if here.distributed else model)
+    optimizers = build_optimizers(cfg, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(t.precision, device) is torch.float16)
+    loss_fn = (GlobalBatchLoss if here.distributed else ReContrastLoss)(stable_loss_config(cfg), t.iters)
+    selector = ProxySelection(Path(t.out) / "best.ckpt", enabled=t.select == "proxy" and here.is_main,
+                              resume=resume or not here.is_main)
+    s = Setup(cfg, here, device, model, forward, optimizers, scaler, loss_fn, batches,
+              FrozenFeatures(model, batches, cfg), selector, Dispatch(callbacks), eval_fn, Path(t.out) / "last.ckpt")
+    if resume:
+        ckpt = load_checkpoint(s.path)
+        for change in config_changes(ckpt["config"], cfg):
+            log.warning("resume: setting changed since the checkpoint: %s", change)
+        restore_training_state(ckpt, model, optimizers, scaler)
+        s.start, s.history, s.last_good = ckpt["iteration"], list(ckpt["loss_history"]), s.path
+        log.info("resuming %s at iteration %d of %d", s.path, s.start, t.iters)
+    log.info("training on %s (precision %s): %d images, batch %d, iterations %d..%d", device, t.precision,
+             len(datasets.train), t.batch_size, s.start, t.iters)
+    if t.stable:
+        log.info("stable variant: images are scored with eval.score=%s (the authors' stable runs use "
+                 "topk_mean, the mean of the top %.0f %% of the map)", cfg.eval.score, 100 * cfg.eval.topk)
+    return s
 
 
 def train(
@@ -197,112 +346,54 @@ def train(
     datasets=None,
 ) -> TrainResult:
     """Returns the trained model, its checkpoint <train.out>/last.ckpt and the loss history."""
-    t = cfg.train
-    here, device = join(pick_device(t.device))  # torchrun: this rank's device, the process group
-    amp = _amp_dtype(t.amp, device)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    seed_everything(t.seed)
-    if datasets is None:
-        datasets = build_datasets(cfg.data)
-    batches = TrainBatches(datasets.train, cfg, device, here)  # checks batch size before any work
-    if not here.is_main:  # rank 0 alone logs, evaluates and writes files
-        callbacks, eval_fn = (), None
-
-    model = build_model(cfg).to(device)  # handles stable (partial BN), encoder BN mode, channels_last
-    if here.distributed and t.sync_bn:
-        sync_batchnorm(model)  # BN statistics over the global batch, as in one process
-    optimizers = build_optimizers(cfg, model, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    loss_fn = (GlobalBatchLoss if here.distributed else ReContrastLoss)(stable_loss_config(cfg), t.iters)
-    path = Path(t.out) / "last.ckpt"
-    selector = ProxySelection(Path(t.out) / "best.ckpt", enabled=t.select == "proxy" and here.is_main,
-                              resume=resume or not here.is_main)
-    start, history, last_good = 0, [], None
-    if resume:
-        ckpt = load_checkpoint(path)
-        for change in config_changes(ckpt["config"], cfg):
-            log.warning("resume: setting changed since the checkpoint: %s", change)
-        restore_training_state(ckpt, model, optimizers, scaler)
-        start, history, last_good = ckpt["iteration"], list(ckpt["loss_history"]), path
-        log.info("resuming %s at iteration %d of %d", path, start, t.iters)
-    # Gradients averaged over the ranks: the gradient of the global batch's mean loss.
-    forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if here.distributed else model
-
-    def save(iteration: int) -> Path:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise _diverged(iteration, "a weight", last_good, callbacks)
-        if not here.is_main:
-            return path
-        for cb in callbacks:
-            cb.before_checkpoint(iteration)
-        save_checkpoint(path, training_state(cfg, model, optimizers, scaler, iteration, history))
-        for cb in callbacks:
-            cb.on_checkpoint(iteration, path)
-        return path
-
-    result = TrainResult(model, path, start, history)
+    s = setup(cfg, callbacks, resume, eval_fn, datasets)
+    t, model, calls, history = cfg.train, s.model, s.calls, s.history
+    result = TrainResult(model, s.path, s.start, history)
     watch_from = warmup_iters(cfg) + t.divergence_window if t.divergence_window >= 3 else math.inf
-    for cb in callbacks:
-        cb.on_start(cfg, model, start)
-    log.info("training on %s: %d images, batch %d, iterations %d..%d",
-             device, len(datasets.train), t.batch_size, start, t.iters)
-    if t.stable:
-        log.info("stable variant: images are scored with eval.score=%s (the authors' stable runs use "
-                 "topk_mean, the mean of the top %.0f %% of the map)", cfg.eval.score, 100 * cfg.eval.topk)
+    calls.on_start(cfg, model, s.start)
     model.train()  # ReContrast.train() keeps the frozen encoder and encoder BN as configured
-    tick, last_eval = (time.perf_counter(), start), None
-    fit_start = tick[0]
-    reuse = reuse_freed_memory(t.reuse_cpu_memory and device.type == "cpu")
-    with progress_bar(t.iters, "train", "it", start, here.is_main) as bar, reuse:
-        for it in range(start, t.iters):
-            if t.stable and it > 0 and it % t.reset_every == 0:
-                optimizers[0].state.clear()  # the stable variant: fresh decoder Adam moments
-            encoder_paused = t.stable and it >= t.reset_every and it % t.reset_every < t.encoder_pause
-            x = batches(it)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                pairs = forward(x)
-            loss, info = loss_fn([(a.float(), b.float()) for a, b in pairs], it)
-            value = mean_over_ranks(loss.detach()).item()  # the global batch's loss on every rank
+    tick, last_eval, fit_start = (time.perf_counter(), s.start), None, time.perf_counter()
+    memory = reuse_freed_memory(t.reuse_cpu_memory and s.device.type == "cpu")
+    with progress_bar(t.iters, "train", "it", s.start, s.here.is_main) as bar, memory:
+        for it in range(s.start, t.iters):
+            # 1. The optimizers that step now (the stable variant resets and pauses some).
+            stepped = s.schedule(it)
+            # 2. Forward batch `it` (a function of seed and it); frozen features from the cache when kept.
+            pairs = s.forward(s.batches(it), s.frozen(it))
+            # 3. The loss in fp32, the global batch's value on every rank; NaN/inf stops the run.
+            loss, info = s.loss_fn([(a.float(), b.float()) for a, b in pairs], it)
+            value = mean_over_ranks(loss.detach()).item()
             if not math.isfinite(value):
-                raise _diverged(it, f"the loss ({value})", last_good, callbacks)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            for opt in optimizers[:1] if encoder_paused else optimizers:
-                scaler.step(opt)
-            scaler.update()
+                raise _diverged(it, f"the loss ({value})", s.last_good, calls)
+            # 4. Backward and step.
+            s.step(loss, stepped)
             history.append(value)
             done = result.iterations = it + 1
-
+            bar.update(1)
+            # 5. Every log_every iterations: the bar, a console line where no bar shows, the callbacks.
             if (t.log_every > 0 and done % t.log_every == 0) or done == t.iters:
-                metrics = _log_metrics(history[tick[1] - done:], tick[0], info, optimizers, encoder_paused)
+                metrics = _log_metrics(history[tick[1] - done:], tick[0], info, s, stepped)
                 tick = (time.perf_counter(), done)
                 bar.set_postfix(loss=f"{value:.4f}", alpha=f"{metrics['alpha']:.2f}", refresh=False)
-                if progress_lines(bar) and here.is_main:  # no terminal or widget (nohup, a log file, batch)
+                if progress_lines(bar) and s.here.is_main:
                     print(progress_line(done, t.iters, metrics), flush=True)
-                for cb in callbacks:
-                    cb.on_log(done, metrics)
-            bar.update(1)
+                calls.on_log(done, metrics)
+            # 6. Divergence watch: a rising loss after the warm-up is a warning; training goes on.
             if not result.loss_rising and done >= watch_from and rising_trend(history[-t.divergence_window:]):
-                _warn(result, callbacks, f"training may be diverging: the loss rose over iterations "
+                _warn(result, calls, f"training may be diverging: the loss rose over iterations "
                       f"{done - t.divergence_window}..{done} after the warm-up. Try train.stable=true, a "
                       f"lower train.lr, a longer warm-up (loss.warmup_min_iters) or loss.factor > 0")
+            # 7. Checkpoint, then evaluate (train.select=proxy keeps the best evaluation's weights).
             if (t.checkpoint_every > 0 and done % t.checkpoint_every == 0) or done == t.iters:
-                last_good = save(done)
-            if eval_fn is not None and t.eval_every > 0 and done % t.eval_every == 0:
-                last_eval = _evaluate(eval_fn, model, done, callbacks, result)
-                selector.offer(result.metrics, lambda: training_state(cfg, model, optimizers, scaler, done, history))
+                s.save(done)
+            if s.eval_fn is not None and t.eval_every > 0 and done % t.eval_every == 0:
+                last_eval = s.evaluate(done, result)
     result.fit_seconds = time.perf_counter() - fit_start
-    if eval_fn is not None and last_eval != result.iterations:
-        _evaluate(eval_fn, model, result.iterations, callbacks, result)
-        selector.offer(result.metrics, lambda: training_state(cfg, model, optimizers, scaler, result.iterations,
-                                                              history))
-    selector.restore_best(result)
+    if s.eval_fn is not None and last_eval != result.iterations:
+        s.evaluate(result.iterations, result)
+    s.selector.restore_best(result)
     model.eval()
-    for cb in callbacks:
-        cb.on_end(result)
+    calls.on_end(result)
     return result
 
 
@@ -316,39 +407,32 @@ def progress_line(done: int, total: int, metrics: dict) -> str:
             f"ETA {eta // 60}m{eta % 60:02d}s")
 
 
-def _log_metrics(recent: list[float], since: float, info: dict, optimizers, encoder_paused: bool) -> dict:
-    """Returns what on_log gets: the last loss, its mean since the last log, alpha, lrs, it/s."""
+def _log_metrics(recent: list[float], since: float, info: dict, s: Setup, stepped: list) -> dict:
+    """Returns what on_log gets: the last loss, its mean since the last log, alpha, lrs, it/s,
+    and on CUDA the peak GPU memory so far."""
+    optimizers = s.optimizers
     metrics = {"loss": recent[-1], "loss_avg": sum(recent) / len(recent), "alpha": float(info["alpha"]),
                "lr": optimizers[0].param_groups[0]["lr"],
                "it_per_s": len(recent) / max(time.perf_counter() - since, 1e-9)}
     if len(optimizers) > 1:
-        metrics["encoder_lr"] = 0.0 if encoder_paused else optimizers[1].param_groups[0]["lr"]
+        metrics["encoder_lr"] = optimizers[1].param_groups[0]["lr"] if len(stepped) > 1 else 0.0
+    if s.device.type == "cuda":
+        metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(s.device) / 2**30
     return metrics
 
 
-def _evaluate(eval_fn, model: nn.Module, iteration: int, callbacks, result: TrainResult) -> int:
-    model.eval()
-    result.metrics = dict(eval_fn(model, iteration) or {})
-    model.train()
-    for cb in callbacks:
-        cb.on_eval(iteration, result.metrics)
-    return iteration
-
-
-def _warn(result: TrainResult, callbacks, message: str) -> None:
+def _warn(result: TrainResult, calls: Dispatch, message: str) -> None:
     result.loss_rising = True
     result.warnings.append(message)
     log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-    for cb in callbacks:
-        cb.on_warning(message, LOSS_RISING)
+    calls.on_warning(message, LOSS_RISING)
 
 
-def _diverged(iteration: int, what: str, last_good: Path | None, callbacks) -> TrainingDivergedError:
+def _diverged(iteration: int, what: str, last_good: Path | None, calls: Dispatch) -> TrainingDivergedError:
     """Returns the error to raise, after telling the callbacks (MLflow records the reason)."""
     kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
     message = (f"training diverged at iteration {iteration}: {what} is NaN/inf; {kept}. "
-               f"Try a lower train.lr, train.stable=true, or train.amp=none")
-    for cb in callbacks:
-        cb.on_warning(message, DIVERGED)
+               f"Try a lower train.lr, train.stable=true, or train.precision=fp32")
+    calls.on_warning(message, DIVERGED)
     return TrainingDivergedError(message)

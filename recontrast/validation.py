@@ -25,7 +25,7 @@ _CHOICES = {
     "data.format": ("mvtec", "folder"),
     "model.encoder_bn": ("train", "eval", "auto"),
     "loss.kind": ("global", "regional"),
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
     "eval.combine": ("sum", "mean", "product"),
     "eval.score": ("max", "topk_mean"),
@@ -56,6 +56,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.eps": (0, None, False, False),
     "train.seed": (0, 2**32, True, False),
     "train.threads": (0, None, True, False),
+    "train.cache_features_gb": (0, None, False, False),
     "train.reset_every": (1, None, True, False),
     "train.encoder_pause": (0, None, True, False),
     "train.log_every": (0, None, True, False),

@@ -62,3 +62,34 @@ def test_rank_correlation_is_spearman_over_the_checkpoints():
     assert rho["proxy/image_auroc ~ image_auroc"] == rho["proxy/score ~ image_auroc"] == pytest.approx(0.8)
     assert rho["proxy/pixel_auroc ~ pixel_auroc"] == pytest.approx(-0.8)
     assert rho["proxy/aupro ~ aupro"] != rho["proxy/aupro ~ aupro"]  # no finite pairs: NaN
+
+
+def _script(name: str):
+    path = RUN.with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_prints_its_table(tmp_path, capsys):
+    """The device check runs end to end on the CPU (tiny backbone, 2 iterations) so it cannot rot."""
+    results = _script("gpu_check").main(["--dry-run", "--settings", "fp32,bf16,fp16", "--out", str(tmp_path)])
+    rows = results["rows"]
+    assert rows["fp32"]["step_s"] > 0 and rows["bf16"]["step_s"] > 0
+    assert "needs CUDA" in rows["fp16"]["error"]  # a setting that cannot run here is reported, not fatal
+    assert results["run"]["setting"] in ("fp32", "bf16") and "image_auroc" in results["run"]["metrics"]
+    printed = capsys.readouterr().out
+    assert "| fp16 | failed: ConfigError" in printed and "verdict: no paper figure" in printed
+    assert (tmp_path / "gpu_check.json").is_file()
+
+
+def test_compute_study_points_put_map_variants_at_their_models_cost():
+    study = _script("compute_study")
+    row = {"category": "bar", "method": "recontrast", "setting": "default", "cpu_seconds": 600.0,
+           "metrics": {"pixel_auroc": 0.9}, "maps": {"levels110": {"pixel_auroc": 0.95, "eval_cpu_seconds": 30.0}}}
+    peer = {"category": "bar", "method": "padim", "setting": "padim", "cpu_seconds": 60.0, "metrics": {"pixel_auroc": 0.97}}
+    found = study.points([row, peer], "bar")
+    assert [(label, minutes) for label, minutes, _ in found] == [("default", 10.0), ("default+levels110", 10.0),
+                                                                  ("padim", 1.0)]
+    assert "| bar | default+levels110 | 10.0 | n/a | 95.00 |" in study.markdown([row, peer])

@@ -252,7 +252,7 @@ CONFIG_FAULTS = {
     "negative_weight_decay": (["--set", "train.weight_decay=-1"], r"train\.weight_decay=-1\.0: must be >= 0"),
     "unknown_device": (["--set", "train.device=foo"], r"train\.device='foo' is not a device"),
     "absent_cuda_device": (["--set", "train.device=cuda:7"], r"train\.device=cuda:7 but"),
-    "fp16_on_cpu": (["--set", "train.amp=fp16", "train.device=cpu"], r"train\.amp=fp16 needs CUDA"),
+    "fp16_on_cpu": (["--set", "train.precision=fp16", "train.device=cpu"], r"train\.precision=fp16 needs CUDA"),
     "empty_experiment": (["--set", "tracking.experiment="], r"tracking\.experiment is empty"),
     "stable_reset_every_0": (["--set", "train.stable=true", "train.reset_every=0"], r"train\.reset_every=0: must be >= 1"),
     "negative_sigma": (["--set", "eval.sigma=-1"], r"eval\.sigma=-1\.0: must be in \[0, 64\]"),

@@ -10,7 +10,7 @@ import torch
 from recontrast import pipeline
 from recontrast import train as T
 from recontrast.checkpoint import load_checkpoint
-from recontrast.model import load_model
+from recontrast.model import build_model, load_model
 from recontrast.config import Config, ConfigError, apply_overrides
 
 
@@ -230,7 +230,6 @@ def test_rising_trend_detector():
 
 
 def test_optimizers_follow_the_config(synthetic_root):
-    from recontrast.model import build_model
 
     cfg = tiny_cfg(synthetic_root, "unused")
     opts = T.build_optimizers(cfg, build_model(cfg), torch.device("cpu"))
@@ -242,17 +241,71 @@ def test_optimizers_follow_the_config(synthetic_root):
 
 
 def test_main_train_bf16_prints_the_checkpoint(synthetic_root, tmp_path, capsys):
-    cfg = tiny_cfg(synthetic_root, "unused", **{"train.iters": 2, "train.amp": "bf16"})
+    cfg = tiny_cfg(synthetic_root, "unused", **{"train.iters": 2, "train.precision": "bf16"})
     overrides = {k: v for k, v in cfg.flatten().items() if k.startswith(("data.", "model.", "train."))}
     result = pipeline.main_train(None, overrides, out=tmp_path / "cli", track=False)
     assert result.iterations == 2 and all(math.isfinite(v) for v in result.loss_history)
     assert f"checkpoint: {tmp_path / 'cli' / 'last.ckpt'}" in capsys.readouterr().out
-    assert load_checkpoint(result.checkpoint)["config"]["train"]["amp"] == "bf16"
+    assert load_checkpoint(result.checkpoint)["config"]["train"]["precision"] == "bf16"
 
 
-def test_fp16_needs_cuda():
+def test_fp16_needs_cuda_and_auto_follows_the_cpu():
+    from recontrast.runtime import autocast_dtype, cpu_has_bf16
+
     with pytest.raises(ConfigError, match="fp16 needs CUDA.*bf16"):
-        T._amp_dtype("fp16", torch.device("cpu"))
+        autocast_dtype("fp16", torch.device("cpu"))
+    assert autocast_dtype("fp32", "cpu") is None and autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if cpu_has_bf16() else None)
+
+
+def test_an_older_checkpoints_train_amp_reads_as_train_precision():
+    from recontrast.config import from_dict
+
+    assert from_dict({"train": {"amp": "none"}}).train.precision == "fp32"
+    assert from_dict({"train": {"amp": "bf16"}}).train.precision == "bf16"
+
+
+def test_bf16_forward_gives_fp32_maps_close_to_fp32(synthetic_root, datasets):
+    cfg = tiny_cfg(synthetic_root, "unused")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.stack([datasets.train[i]["image"] for i in range(2)])
+    fp32 = model.anomaly_pairs(x)
+    model.precision = "bf16"
+    assert all(p.dtype == torch.bfloat16 for _, p in model(x))  # the forward runs under autocast
+    bf16 = model.anomaly_pairs(x)
+    assert all(p.dtype == torch.float32 for pair in bf16 for p in pair)  # maps are computed in fp32
+    for (t32, p32), (t16, p16) in zip(fp32, bf16):
+        assert torch.allclose(p16, p32, rtol=0.05, atol=0.05 * p32.abs().max().item())
+
+
+@pytest.mark.parametrize("extra", [{}, {"model.channels_last": True}, {"model.domain_adaptation": False}])
+def test_cached_frozen_features_train_bit_identically(synthetic_root, datasets, tmp_path, extra):
+    runs = [T.train(tiny_cfg(synthetic_root, tmp_path / str(flag), **{"train.cache_features": flag, **extra}),
+                    datasets=datasets) for flag in (False, True)]
+    assert runs[0].loss_history == runs[1].loss_history
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_feature_cache_too_large_is_skipped_with_a_warning(synthetic_root, datasets, tmp_path, caplog):
+    cfg = tiny_cfg(synthetic_root, tmp_path, **{"train.cache_features": True, "train.cache_features_gb": 1e-9,
+                                                "train.iters": 1})
+    with caplog.at_level("WARNING"):
+        T.train(cfg, datasets=datasets)
+    assert "computed every step" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_and_keeps_its_state_dict_keys(synthetic_root, datasets, tmp_path):
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (cc/gcc), none found")
+    cfg = tiny_cfg(synthetic_root, tmp_path, **{"model.compile": True, "train.iters": 2, "data.image_size": 32})
+    result = T.train(cfg, datasets=datasets)
+    assert all(math.isfinite(v) for v in result.loss_history)
+    assert set(result.model.state_dict()) == set(build_model(tiny_cfg(synthetic_root, "x")).state_dict())
 
 
 def test_reusing_freed_cpu_memory_changes_no_number(synthetic_root, datasets, tmp_path):
