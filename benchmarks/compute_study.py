@@ -55,7 +55,7 @@ MAPS = {
 SHOWN = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
 
 
-def study_row(category: str, root: Path, setting: str, out: Path, threads: int) -> dict:
+def study_row(category: str, root: Path, setting: str, out: Path, threads: int, extra: list[str] = ()) -> dict:
     """Returns one trained setting's row: the recipe's metrics, CPU minutes, and each map variant's metrics."""
     import dataclasses
 
@@ -66,7 +66,7 @@ def study_row(category: str, root: Path, setting: str, out: Path, threads: int) 
     from recontrast.model import load_model
 
     row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
-                                    [*SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
+                                    [*extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
     model, cfg, _ = load_model(row.pop("checkpoint"))
     datasets = build_datasets(cfg.data)
     maps = {}
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--settings", default="default,bn_train", help=f"of {', '.join(SETTINGS)}")
     parser.add_argument("--peers", default="padim,patchcore", help="peers to fit per category ('' for none)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], help="overrides for every setting (before the setting's own)")
     parser.add_argument("--out", default="bench_out/compute")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     args = parser.parse_args()
@@ -170,7 +171,7 @@ def main() -> None:
     roots = categories.category_roots(out)
     wanted = [c for c in args.categories.split(",") if c in roots]
     for category in wanted:
-        jobs = [(s, study_row, (category, roots[category], s, out, args.threads))
+        jobs = [(s, study_row, (category, roots[category], s, out, args.threads, args.set))
                 for s in args.settings.split(",") if s]
         jobs += [(m, peer, (m, roots[category], category, args.threads)) for m in args.peers.split(",") if m]
         for setting, fn, fn_args in jobs:
