@@ -32,6 +32,7 @@ import categories  # noqa: E402 - benchmarks/categories.py, beside this file
 # What a setting changes on top of the default recipe (experiments/cpu_default.yaml).
 SETTINGS = {
     "default": [],
+    "seed1": ["train.seed=1"],  # the run-to-run noise every other difference is read against
     "bn_train": ["model.encoder_bn=train"],
     "no_da": ["model.domain_adaptation=false"],
     "iters560": ["train.iters=560"],

@@ -130,3 +130,33 @@ def test_an_image_level_test_split_trains_and_evaluates_with_pixel_metrics_na(we
     assert written["pixel_auroc"] is None and any("no ground-truth masks" in n for n in written["notes"])
     assert "n/a" in evaluation.table() and "no ground-truth masks" in evaluation.table()
     assert (evaluation.out_dir / "worst_gallery.png").is_file() and (evaluation.out_dir / "weave.gif").is_file()
+
+
+def test_post_training_work_is_done_once(weave, tmp_path, monkeypatch, store):
+    """After training: one health check, one proxy set and one proxy evaluation (the training's
+    last, reused by the final evaluation), and the checkpoint read back once (to store the
+    calibration) before the MLflow model is logged from the same contents."""
+    from recontrast import evaluate as evaluate_module
+    from recontrast import health, mlflow_model, tracking
+
+    calls = {"assess": 0, "proxy_metrics": 0, "proxy_set": 0, "read": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pipeline, "assess", counting("assess", health.assess))
+    monkeypatch.setattr(evaluate_module, "proxy_metrics", counting("proxy_metrics", evaluate_module.proxy_metrics))
+    monkeypatch.setattr(pipeline, "proxy_metrics", evaluate_module.proxy_metrics)
+    monkeypatch.setattr(pipeline, "ProxyDataset", counting("proxy_set", pipeline.ProxyDataset))
+    for module in (pipeline, tracking, mlflow_model):
+        monkeypatch.setattr(module, "load_checkpoint", counting("read", module.load_checkpoint))
+    cfg = lite_cfg(weave, tmp_path / "run", **{"train.iters": 4, "tracking.enabled": True,
+                                               "tracking.experiment": "post-training"})
+    with one_thread():
+        result, evaluation, run_id = pipeline.run_training(cfg)
+    assert run_id and "proxy/score" in evaluation.metrics
+    assert evaluation.metrics["proxy/score"] == result.metrics["proxy/score"]
+    assert calls == {"assess": 1, "proxy_metrics": 1, "proxy_set": 1, "read": 1}
