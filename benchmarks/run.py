@@ -170,7 +170,8 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
 
 # The training-cost settings the speed section compares side by side (train.precision, train.cache_features).
 THROUGHPUT = {"fp32": [], "bf16": ["train.precision=bf16"], "fp32_cache": ["train.cache_features=true"],
-              "bf16_cache": ["train.precision=bf16", "train.cache_features=true"]}
+              "bf16_cache": ["train.precision=bf16", "train.cache_features=true"],
+              "bf16_cache_compile": ["train.precision=bf16", "train.cache_features=true", "model.compile=true"]}
 
 
 def train_throughput(config: str, overrides: list[str], threads: int, iters: int) -> dict:
