@@ -68,7 +68,7 @@ def study_row(category: str, root: Path, setting: str, out: Path, threads: int, 
 
     row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
                                     [*extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
-    model, cfg, _ = load_model(row.pop("checkpoint"))
+    model, cfg, _ = load_model(row["checkpoint"])
     datasets = build_datasets(cfg.data)
     maps = {}
     for name, change in MAPS.items():
@@ -81,6 +81,49 @@ def study_row(category: str, root: Path, setting: str, out: Path, threads: int, 
         maps[name]["eval_cpu_seconds"] = time.process_time() - t0
     row.pop("points", None)
     return {**row, "setting": setting, "maps": maps}
+
+
+def proxy_of(row: dict, threads: int) -> dict:
+    """Returns the proxy metrics of a row's model, for its recipe map and every map variant,
+    with today's proxy set (recontrast.defects): what the correlation section ranks."""
+    import dataclasses
+
+    import torch
+
+    from recontrast.data import build_datasets
+    from recontrast.defects import ProxyDataset
+    from recontrast.evaluate import proxy_metrics
+    from recontrast.model import load_model
+
+    torch.set_num_threads(threads)
+    model, cfg, _ = load_model(row["checkpoint"])
+    proxy = ProxyDataset(build_datasets(cfg.data).val, seed=cfg.eval.proxy_seed)
+    found = {}
+    for name, change in MAPS.items():
+        eval_cfg = dataclasses.replace(cfg.eval, figures=False, gif=False, **change)
+        with torch.inference_mode():
+            found[name] = proxy_metrics(model, proxy, eval_cfg)
+    return found
+
+
+def correlation(rows: list[dict]) -> dict:
+    """Returns Spearman's rho between proxy/score and the real AUPRO / image AUROC over every
+    (category, setting, map) model of the study, and over categories alone at the recipe map."""
+    from scipy.stats import spearmanr
+
+    points = []
+    for r in rows:
+        for name, proxy in (r.get("proxy") or {}).items():
+            real = r["metrics"] if name == "recipe" else r["maps"][name]
+            points.append({"category": r["category"], "setting": r["setting"], "map": name,
+                           "proxy": proxy.get("proxy/score", math.nan), "aupro": real.get("aupro", math.nan),
+                           "image_auroc": real.get("image_auroc", math.nan)})
+    out = {"n": len(points), "points": points}
+    for real in ("aupro", "image_auroc"):
+        pairs = [(p["proxy"], p[real]) for p in points if math.isfinite(p["proxy"]) and math.isfinite(p[real])]
+        out[f"proxy/score ~ {real}"] = float(spearmanr(*zip(*pairs)).statistic) if len(pairs) >= 3 else math.nan
+        out[f"n ~ {real}"] = len(pairs)
+    return out
 
 
 def peer(method: str, root: Path, category: str, threads: int) -> dict:
@@ -163,12 +206,25 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every setting (before the setting's own)")
     parser.add_argument("--out", default="bench_out/compute")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    parser.add_argument("--correlation", action="store_true",
+                        help="evaluate every trained model's proxy metrics with today's proxy set and rank them "
+                             "against the real metrics (no training)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "rows.json"
     rows: list[dict] = json.loads(saved.read_text()) if saved.is_file() else []
+    if args.correlation:
+        for r in rows:
+            r.setdefault("checkpoint", str(out / r["setting"] / "recontrast" / r["category"] / "last.ckpt"))
+            if r["method"] == "recontrast" and "proxy" not in r and Path(r["checkpoint"]).is_file():
+                r["proxy"] = in_subprocess(proxy_of, r, args.threads)
+                saved.write_text(json.dumps(rows, indent=1, default=str))
+        found = correlation(rows)
+        (out / "correlation.json").write_text(json.dumps(found, indent=1))
+        print(json.dumps({k: v for k, v in found.items() if k != "points"}, indent=1))
+        return
     roots = categories.category_roots(out)
     wanted = [c for c in args.categories.split(",") if c in roots]
     for category in wanted:
