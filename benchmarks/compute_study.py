@@ -52,12 +52,24 @@ MAPS = {
     "levels121": {"level_weights": (1.0, 2.0, 1.0)},
     "sigma2": {"sigma": 2.0},
     "sigma8": {"sigma": 8.0},
+    "topk": {"score": "topk_mean"},  # image score: the mean of the top 1 % of the map instead of its max
 }
 SHOWN = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
 
 
 def study_row(category: str, root: Path, setting: str, out: Path, threads: int, extra: list[str] = ()) -> dict:
     """Returns one trained setting's row: the recipe's metrics, CPU minutes, and each map variant's metrics."""
+
+
+
+    row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
+                                    [*extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
+    row.pop("points", None)
+    return {**row, "setting": setting, "maps": map_variants(row)}
+
+
+def map_variants(row: dict, threads: int = 0) -> dict:
+    """Returns the test metrics of a row's model under every map variant of MAPS it lacks."""
     import dataclasses
 
     import torch
@@ -66,21 +78,20 @@ def study_row(category: str, root: Path, setting: str, out: Path, threads: int, 
     from recontrast.evaluate import evaluate
     from recontrast.model import load_model
 
-    row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
-                                    [*extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
+    if threads:
+        torch.set_num_threads(threads)
     model, cfg, _ = load_model(row["checkpoint"])
     datasets = build_datasets(cfg.data)
-    maps = {}
+    maps = dict(row.get("maps") or {})
     for name, change in MAPS.items():
-        if not change:
+        if not change or name in maps:
             continue
         eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False, **change)
         t0 = time.process_time()
         with torch.inference_mode():
             maps[name] = evaluate(model, datasets.test, eval_cfg, torch.device("cpu"), datasets.val).metrics
         maps[name]["eval_cpu_seconds"] = time.process_time() - t0
-    row.pop("points", None)
-    return {**row, "setting": setting, "maps": maps}
+    return maps
 
 
 def proxy_of(row: dict, threads: int) -> dict:
@@ -207,8 +218,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/compute")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     parser.add_argument("--correlation", action="store_true",
-                        help="evaluate every trained model's proxy metrics with today's proxy set and rank them "
-                             "against the real metrics (no training)")
+                        help="no training: evaluate the map variants a trained model lacks, and every model's proxy "
+                             "metrics with today's proxy set, ranked against the real metrics")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
@@ -218,8 +229,11 @@ def main() -> None:
     if args.correlation:
         for r in rows:
             r.setdefault("checkpoint", str(out / r["setting"] / "recontrast" / r["category"] / "last.ckpt"))
-            if r["method"] == "recontrast" and "proxy" not in r and Path(r["checkpoint"]).is_file():
-                r["proxy"] = in_subprocess(proxy_of, r, args.threads)
+            if r["method"] == "recontrast" and Path(r["checkpoint"]).is_file():
+                if set(MAPS) - {"recipe"} - set(r.get("maps") or {}):
+                    r["maps"] = in_subprocess(map_variants, r, args.threads)
+                if set(MAPS) - set(r.get("proxy") or {}):
+                    r["proxy"] = in_subprocess(proxy_of, r, args.threads)
                 saved.write_text(json.dumps(rows, indent=1, default=str))
         found = correlation(rows)
         (out / "correlation.json").write_text(json.dumps(found, indent=1))
