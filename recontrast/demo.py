@@ -15,7 +15,7 @@ from recontrast.batch import StudyReport, kernel_name, run_study
 from recontrast.config import load_config
 from recontrast.mlflow_store import tracking_uri
 from recontrast.runtime import project_root
-from recontrast.study import load_study
+from recontrast.study import PairStatus, load_study
 from recontrast.study_results import ablation_table, log_comparison, study_results
 
 STUDY_FILE = Path("experiments") / "demo_study.yaml"
@@ -59,7 +59,7 @@ def run_demo(quick: bool = False, *, workdir: str | Path | None = None, jobs: in
                        variants=list(spec.variants)[:2] if quick else None, name=name, runs_dir=runs_dir)
 
     experiment = base.tracking.experiment
-    if any(r.status != "failed" for r in report.results):
+    if any(r.status != PairStatus.FAILED for r in report.results):
         _comparison_notebook(name, experiment, runs_dir / name)
         print_table(name, experiment)
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Runs are in {tracking_uri(base)}:")

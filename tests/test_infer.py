@@ -207,8 +207,8 @@ def test_every_runtime_predicts_what_pytorch_predicts(calibrated, detector, tmp_
         det = infer.Detector.load(ckpt, runtime=runtime, int8=int8, threads=1)
         name = f"{runtime}{' int8' if int8 else ''}"
         assert det.runtime == name and det.model is None
-        assert (det.threshold_name, det.threshold, det.offset, det.image_size) == \
-            (detector.threshold_name, detector.threshold, detector.offset, detector.image_size)
+        assert ((det.threshold_name, det.threshold, det.offset, det.image_size)
+                == (detector.threshold_name, detector.threshold, detector.offset, detector.image_size))
         got = det.predict_batch(paths)
         raw = np.array([p.raw_score for p in got])
         ref = np.array([p.raw_score for p in want])

@@ -2,6 +2,8 @@
 02 -> 03 -> 04 through the quick demo (`recontrast demo --quick`), checked in MLflow."""
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from conftest import empty_store
 from recontrast import mlflow_store
-from recontrast.batch import kernel_name
+from recontrast.batch import EvaluateParams, TrainParams, kernel_name
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -19,6 +21,20 @@ NOTEBOOKS = REPO / "notebooks"
 
 def outputs(path: Path) -> list[dict]:
     return [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+
+
+def parameters_cell(path: Path) -> dict:
+    """Returns {name: default} of the notebook's `parameters` cell, in its order."""
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("notebook, params", [("02_train.ipynb", TrainParams), ("03_evaluate.ipynb", EvaluateParams)])
+def test_the_parameters_cell_matches_the_packages_parameter_set(notebook, params):
+    """A batch passes dataclasses.asdict(params) to papermill: a name or default that drifted
+    apart would be injected as a new variable the notebook never reads."""
+    assert parameters_cell(NOTEBOOKS / notebook) == dataclasses.asdict(params())
+    assert list(parameters_cell(NOTEBOOKS / notebook)) == [f.name for f in dataclasses.fields(params)]
 
 
 @pytest.mark.slow

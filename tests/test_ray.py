@@ -100,16 +100,16 @@ def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, t
                                  ray=RayOptions() if executor == "ray" else None)
         seconds[executor] = time.perf_counter() - t0
         assert report.ok, report.summary()
-        assert sorted((r.variant, r.category, r.status) for r in report.results) == \
-            sorted((v, c, "done") for v in ("full", "no_da") for c in CATEGORIES)
+        assert (sorted((r.variant, r.category, r.status) for r in report.results)
+                == sorted((v, c, "done") for v in ("full", "no_da") for c in CATEGORIES))
         if executor == "local":
             local = summary(client)
         else:
             on_ray = summary(client)
     print(f"tiny study, 4 pairs, 2 at a time: local {seconds['local']:.1f} s, ray {seconds['ray']:.1f} s")
     assert on_ray["parent"] == local["parent"] == ("FINISHED", "4", "0", ["full", "no_da"], sorted(CATEGORIES))
-    assert sorted(on_ray["children"]) == sorted(local["children"]) == \
-        sorted(f"{v}-{c}" for v in ("full", "no_da") for c in CATEGORIES)
+    assert (sorted(on_ray["children"]) == sorted(local["children"])
+            == sorted(f"{v}-{c}" for v in ("full", "no_da") for c in CATEGORIES))
     for name, expected in local["children"].items():
         assert expected["status"] == "FINISHED" and expected["metrics"], name
         assert on_ray["children"][name] == expected, name
