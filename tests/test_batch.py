@@ -119,7 +119,7 @@ def test_the_kernel_runs_this_interpreter():
     assert km.format_kernel_cmd()[0] == sys.executable
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failing_pair_is_reported_with_the_error_from_its_notebook(store, synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # A dozen training images: the notebook stops before any work (no MLflow run); a failure

@@ -137,6 +137,7 @@ def _torchrun(args: list[str], env: dict[str, str], log: Path) -> None:
     assert done.returncode == 0, log.read_text()[-4000:]
 
 
+@pytest.mark.e2e
 def test_torchrun_on_two_cpu_processes_trains_what_one_process_trains(synthetic_root, store, tmp_path):
     config = write_config(tmp_path, synthetic_root, CATEGORY, data={"val_fraction": 0.0},
                           train={"iters": 8, "batch_size": 4, "checkpoint_every": 4, "log_every": 1},

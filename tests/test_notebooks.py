@@ -37,7 +37,7 @@ def test_the_parameters_cell_matches_the_packages_parameter_set(notebook, params
     assert list(parameters_cell(NOTEBOOKS / notebook)) == [f.name for f in dataclasses.fields(params)]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_data_exploration_runs_on_the_synthetic_data(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "01.ipynb"
@@ -49,7 +49,7 @@ def test_data_exploration_runs_on_the_synthetic_data(synthetic_root, tmp_path, m
     assert not [o for o in outputs(out) if o["output_type"] == "error"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path_factory, tmp_path, monkeypatch,
                                                                        capsys):
     from recontrast.demo import run_demo

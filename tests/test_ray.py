@@ -88,6 +88,7 @@ def summary(client) -> dict:
 
 
 @needs_ray
+@pytest.mark.e2e
 def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, tmp_path, tmp_path_factory,
                                                                 monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -160,6 +161,7 @@ def ray_instance():
 
 
 @needs_ray
+@pytest.mark.e2e
 def test_a_killed_worker_is_reported_failed_or_retried_and_no_run_stays_running(
         synthetic_root, tmp_path, tmp_path_factory, monkeypatch, ray_instance):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -203,6 +205,7 @@ def test_a_worker_that_cannot_see_the_data_names_the_path(synthetic_root, tmp_pa
         _check_paths(job)
 
 
+@pytest.mark.slow
 def test_ray_is_optional(synthetic_root, tmp_path, monkeypatch):
     code = "import sys; sys.modules['ray'] = None; import recontrast.batch, recontrast.cli, recontrast.ray_executor"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

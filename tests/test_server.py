@@ -28,6 +28,8 @@ import pytest
 
 from conftest import killed_run, run_cli, write_config
 
+pytestmark = pytest.mark.e2e  # a real server: make test runs it, make test-fast does not
+
 REPO = Path(__file__).resolve().parents[1]
 JOBS, STEPS, ARTIFACT_BYTES = 8, 100, 200_000
 
