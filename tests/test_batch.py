@@ -148,6 +148,7 @@ def report_device(job):
     return PairResult(job.variant, job.category, "done", None, device, 1.0, job.folder)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_get_their_own_gpu(store, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     path = study_file(tmp_path, tmp_path / "data", ["disc", "weave"], {"full": {}})

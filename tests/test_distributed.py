@@ -97,6 +97,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return float((a - b).norm()) <= rtol * float(b.norm()) + 1e-12
 
 
+@pytest.mark.slow
 def test_bn_statistics_and_hard_mining_threshold_are_those_of_the_global_batch(tmp_path):
     block_ref, pred_ref, loss_ref, y_ref = _grads(*_inputs())
     torch.multiprocessing.spawn(_rank, args=(_free_port(), str(tmp_path / "rank")), nprocs=2)

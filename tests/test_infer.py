@@ -208,6 +208,7 @@ def test_every_runtime_predicts_what_pytorch_predicts(calibrated, detector, tmp_
     assert {"last.onnx", "last.int8.onnx"} <= {p.name for p in ckpt.parent.iterdir()}
 
 
+@pytest.mark.slow
 def test_an_exported_model_is_reused_until_the_checkpoint_changes(calibrated, tmp_path):
     pytest.importorskip("onnxruntime")
     ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")
