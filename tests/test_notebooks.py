@@ -13,7 +13,7 @@ import pytest
 
 from conftest import empty_store
 from recontrast import mlflow_store
-from recontrast.batch import EvaluateParams, TrainParams, kernel_name
+from recontrast.batch import AblationsParams, EvaluateParams, TrainParams, kernel_name
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -29,10 +29,11 @@ def parameters_cell(path: Path) -> dict:
     return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
 
 
-@pytest.mark.parametrize("notebook, params", [("02_train.ipynb", TrainParams), ("03_evaluate.ipynb", EvaluateParams)])
+@pytest.mark.parametrize("notebook, params", [("02_train.ipynb", TrainParams), ("03_evaluate.ipynb", EvaluateParams),
+                                              ("04_ablations.ipynb", AblationsParams)])
 def test_the_parameters_cell_matches_the_packages_parameter_set(notebook, params):
-    """A batch passes dataclasses.asdict(params) to papermill: a name or default that drifted
-    apart would be injected as a new variable the notebook never reads."""
+    """A batch (and the demo) passes dataclasses.asdict(params) to papermill: a name or default
+    that drifted apart would be injected as a new variable the notebook never reads."""
     assert parameters_cell(NOTEBOOKS / notebook) == dataclasses.asdict(params())
     assert list(parameters_cell(NOTEBOOKS / notebook)) == [f.name for f in dataclasses.fields(params)]
 
