@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 
-.PHONY: install test demo lab ui bench synth clean lint strip-notebooks postgres postgres-stop server
+.PHONY: install test test-fast demo lab ui bench synth clean lint strip-notebooks postgres postgres-stop server
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The full suite (CI runs it); test-fast is a developer's loop: unit tests on tiny shapes, no
+# servers, Ray, torchrun, papermill or browser (markers e2e and slow, pyproject.toml).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recontrast tests benchmarks notebooks

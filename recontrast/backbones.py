@@ -41,7 +41,6 @@ SUPPORTED = (
 )
 SOURCES = ("timm", "offline", "none")
 STRIDES = (4, 8, 16)
-# The normalisation that data.py applies (method.md: ImageNet normalisation).
 
 # ReContrast uses torchvision's ImageNet ResNets; timm's untagged default for some of them
 # is a different recipe (wide_resnet50_2 -> racm_in1k), so "timm" asks for the tv weights.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,11 +29,11 @@ from recontrast.checkpoint import final_checkpoint
 from recontrast.config import Config, ConfigError, load_config
 from recontrast.health import NOT_CONVERGED
 from recontrast.locks import folder_lock
-from recontrast.mlflow_store import (RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, read_run_id, retry,
-                                     tracking_uri)
+from recontrast.mlflow_store import (RUN_ID_FILE, Tag, experiment_id, fix_stale_runs, get_client, read_run_id,
+                                     retry, tracking_uri)
 from recontrast.ray_executor import RayOptions, import_ray, run_pairs
 from recontrast.runtime import PROGRESS_LINES_ENV, environment, project_root
-from recontrast.study import Job, Study, load_study, plan, study_status
+from recontrast.study import Job, PairStatus, Study, load_study, plan, study_status, switches
 from recontrast.study_results import log_study_metrics
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,54 @@ NOTEBOOKS = ("02_train.ipynb", "03_evaluate.ipynb")
 
 
 @dataclass
+class TrainParams:
+    """Notebook 02's parameters, with its defaults (tests/test_notebooks.py checks its
+    `parameters` cell against them): what a batch passes to papermill for one pair."""
+
+    config: str = "experiments/demo.yaml"
+    category: str = ""
+    data_root: str = ""
+    overrides: list[str] = field(default_factory=list)
+    run_name: str = ""
+    study: str = ""
+    variant: str = ""
+    out: str = ""
+    parent_run_id: str = ""
+    resume: bool = False
+    evaluate_at_end: bool = True
+    track: bool = True
+
+
+@dataclass
+class EvaluateParams:
+    """Notebook 03's parameters, with its defaults (checked like TrainParams)."""
+
+    run_id: str = ""
+    checkpoint: str = ""
+    data_root: str = ""
+    category: str = ""
+    out: str = ""
+    overrides: list[str] = field(default_factory=list)
+    track: bool = True
+
+
+@dataclass
+class AblationsParams:
+    """Notebook 04's parameters, with its defaults (checked like TrainParams)."""
+
+    study: str = "demo"
+    experiment: str = ""
+    baseline: str = "full"
+    metrics: list[str] = field(default_factory=lambda: ["image_auroc", "pixel_auroc", "aupro"])
+    out: str = ""
+    log_to_mlflow: bool = True
+
+
+@dataclass
 class PairResult:
     variant: str
     category: str
-    status: str  # "done" | "skipped" | "failed"
+    status: str  # PairStatus.DONE, SKIPPED or FAILED
     run_id: str | None = None
     error: str = ""
     seconds: float = 0.0
@@ -60,11 +105,11 @@ class StudyReport:
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.results)
+        return all(r.status != PairStatus.FAILED for r in self.results)
 
     @property
     def failed(self) -> list[PairResult]:
-        return [r for r in self.results if r.status == "failed"]
+        return [r for r in self.results if r.status == PairStatus.FAILED]
 
     @property
     def not_converged(self) -> list[PairResult]:
@@ -74,7 +119,7 @@ class StudyReport:
         """Returns one line per pair and a count line."""
         lines = [f"{r.variant:<14} {r.category:<12} {r.status:<8} {r.health or '-':<13} {r.seconds:7.1f}s  "
                  f"{r.run_id or '-':<32} {r.error}".rstrip() for r in self.results]
-        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+        counts = {s: sum(r.status == s for r in self.results) for s in (PairStatus.DONE, PairStatus.SKIPPED, PairStatus.FAILED)}
         lines.append(f"study {self.study}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         return "\n".join(lines)
 
@@ -90,8 +135,8 @@ def kernel_name() -> str:
     manager = KernelSpecManager()
     try:
         argv0 = manager.get_kernel_spec("python3").argv[0]
-        if argv0 in ("python", "python3", f"python3.{sys.version_info[1]}") or \
-                Path(argv0).resolve() == Path(sys.executable).resolve():
+        if (argv0 in ("python", "python3", f"python3.{sys.version_info[1]}")
+                or Path(argv0).resolve() == Path(sys.executable).resolve()):
             return "python3"
     except NoSuchKernel:
         pass
@@ -115,16 +160,16 @@ def execute_pair(job: Job) -> PairResult:
     if not job.resume:  # a run id left by an earlier attempt must not receive this one's notebooks
         (train_out / RUN_ID_FILE).unlink(missing_ok=True)
     steps = [
-        (NOTEBOOKS[0], dict(config=job.config, category=job.category, overrides=job.overrides,
-                            out=str(train_out), study=job.study, variant=job.variant,
-                            run_name=f"{job.variant}-{job.category}", parent_run_id=job.parent_run_id or "",
-                            resume=job.resume, evaluate_at_end=False, track=job.track)),
-        (NOTEBOOKS[1], dict(out=str(folder / "eval"), track=job.track)),
+        (NOTEBOOKS[0], TrainParams(config=job.config, category=job.category, overrides=job.overrides,
+                                   out=str(train_out), study=job.study, variant=job.variant,
+                                   run_name=f"{job.variant}-{job.category}", parent_run_id=job.parent_run_id or "",
+                                   resume=job.resume, evaluate_at_end=False, track=job.track)),
+        (NOTEBOOKS[1], EvaluateParams(out=str(folder / "eval"), track=job.track)),
     ]
     try:
         for name, params in steps:
-            if name == NOTEBOOKS[1]:  # known once training ended (best.ckpt with train.select=proxy)
-                params.update(run_id=run_id or "", checkpoint=str(final_checkpoint(train_out)))
+            if isinstance(params, EvaluateParams):  # known once training ended (best.ckpt with train.select=proxy)
+                params.run_id, params.checkpoint = run_id or "", str(final_checkpoint(train_out))
             try:
                 # The kernel's printed lines reach this console, prefixed with the pair, so a
                 # long batch shows which pair is at which iteration.
@@ -132,7 +177,7 @@ def execute_pair(job: Job) -> PairResult:
                 # The kernel inherits both: $IPYNB_FILE gives its runs mlflow.source.name = the
                 # notebook; progress lines reach this console (a widget would not).
                 with environment(IPYNB_FILE=str(folder / name), **{PROGRESS_LINES_ENV: "1"}):
-                    pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=params,
+                    pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=dataclasses.asdict(params),
                                         kernel_name=kernel, cwd=str(root), progress_bar=False,
                                         start_timeout=300, report_mode=False, stdout_file=out, stderr_file=out)
             finally:
@@ -143,8 +188,8 @@ def execute_pair(job: Job) -> PairResult:
         error = _describe(err)
         log.error("%s/%s failed: %s", job.variant, job.category, error)
         _fix_killed_kernel(err, job.uri)
-        return PairResult(job.variant, job.category, "failed", run_id, error, time.time() - t0, str(folder))
-    return PairResult(job.variant, job.category, "done", run_id, "", time.time() - t0, str(folder),
+        return PairResult(job.variant, job.category, PairStatus.FAILED, run_id, error, time.time() - t0, str(folder))
+    return PairResult(job.variant, job.category, PairStatus.DONE, run_id, "", time.time() - t0, str(folder),
                       health=_run_health(job.uri, run_id))
 
 
@@ -153,7 +198,7 @@ def _run_health(uri: str, run_id: str | None) -> str:
     if not run_id:
         return ""
     try:
-        return get_client(uri=uri or None).get_run(run_id).data.tags.get("health", "")
+        return get_client(uri=uri or None).get_run(run_id).data.tags.get(Tag.HEALTH, "")
     except Exception as err:  # the pair finished; its health is extra information
         log.warning("could not read the health of run %s: %s", run_id, err)
         return ""
@@ -263,19 +308,19 @@ def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides
         pending = []
         for job in todo:
             state = study_status(job, force)
-            if state == "done":
+            if state == PairStatus.DONE:
                 done = json.loads((Path(job.folder) / "done.json").read_text())
-                report.results.append(PairResult(job.variant, job.category, "skipped", done.get("run_id"),
+                report.results.append(PairResult(job.variant, job.category, PairStatus.SKIPPED, done.get("run_id"),
                                                  "finished earlier", 0.0, job.folder, done.get("health", "")))
                 continue
-            job.parent_run_id, job.resume = report.parent_run_id, state == "resume"
+            job.parent_run_id, job.resume = report.parent_run_id, state == PairStatus.RESUME
             pending.append(job)
         print(f"study {spec.name}: {len(pending)} pair(s) to run, {len(todo) - len(pending)} finished earlier",
               flush=True)
         report.results += _run_on_ray(pending, jobs, executor, ray) if ray else _run_jobs(pending, jobs, executor)
         if parent is not None:
-            parent.set_tags({"pairs_failed": len(report.failed),
-                             "pairs_done": sum(r.status != "failed" for r in report.results)})
+            parent.set_tags({Tag.PAIRS_FAILED: len(report.failed),
+                             Tag.PAIRS_DONE: sum(r.status != PairStatus.FAILED for r in report.results)})
             _log_study_metrics(spec, base, parent.run_id)
             if register:
                 _register(report, register, tracking_uri(base))
@@ -297,7 +342,7 @@ def _mark_started(job: Job) -> None:
 
 def _mark_done(job: Job, result: PairResult) -> None:
     """Writes done.json: what makes a rerun skip this pair."""
-    if result.status == "done":
+    if result.status == PairStatus.DONE:
         (Path(job.folder) / "done.json").write_text(json.dumps(
             {"run_id": result.run_id, "fingerprint": job.fingerprint, "seconds": round(result.seconds, 1),
              "health": result.health,
@@ -331,7 +376,8 @@ def _run_jobs(pending: list[Job], jobs: int, executor) -> list[PairResult]:
             try:
                 results.append(future.result())
             except Exception as err:  # a worker process that died
-                results.append(PairResult(job.variant, job.category, "failed", None, _describe(err), 0.0, job.folder))
+                results.append(PairResult(job.variant, job.category, PairStatus.FAILED, None, _describe(err), 0.0,
+                                          job.folder))
             _mark_done(job, results[-1])
             print(f"{job.variant}/{job.category}: {results[-1].status} ({results[-1].seconds:.0f}s)", flush=True)
     return _in_plan_order(pending, results)
@@ -344,7 +390,7 @@ def _run_on_ray(pending: list[Job], jobs: int, executor, options: RayOptions) ->
     results = []
     for job, outcome in run_pairs(pending, executor, options, local_pairs=jobs):
         if not isinstance(outcome, PairResult):  # the task failed or its worker died: a one-line reason
-            outcome = PairResult(job.variant, job.category, "failed", read_run_id(Path(job.folder) / "train"),
+            outcome = PairResult(job.variant, job.category, PairStatus.FAILED, read_run_id(Path(job.folder) / "train"),
                                  outcome, 0.0, job.folder)
         results.append(outcome)
         _mark_done(job, outcome)
@@ -370,7 +416,7 @@ def _log_study_metrics(spec: Study, base: Config, parent_run_id: str) -> None:
 def _register(report: StudyReport, variant: str, uri: str) -> None:
     """Registers the model of each pair of `variant` under its category's name."""
     for r in report.results:
-        if r.variant != variant or r.status == "failed" or not r.run_id:
+        if r.variant != variant or r.status == PairStatus.FAILED or not r.run_id:
             continue
         try:
             version = mlflow_model.register(r.run_id, r.category, uri=uri)
@@ -382,7 +428,7 @@ def _register(report: StudyReport, variant: str, uri: str) -> None:
 def study_params(base: Config, spec: Study) -> dict[str, Any]:
     """Returns the parent run's params: the config all pairs share, less the keys a variant
     sets (its children carry those) and each pair's own (category, run folder, variant)."""
-    varied = {o.split("=", 1)[0] for overrides in spec.variants.values() for o in overrides}
+    varied = set(switches(spec))
     own = {"tracking.ablation", "tracking.run_name", "data.category", "train.out"}
     return {k: v for k, v in base.flatten().items() if k not in varied | own}
 
@@ -394,14 +440,13 @@ def _parent_run(base: Config, spec: Study, todo: list[Job]):
         return contextlib.nullcontext(None)
     client = get_client(base)
     exp = experiment_id(client, base.tracking.experiment)  # created once, before any job
-    found = retry(client.search_runs, [exp], f"tags.recontrast_role = 'study' and tags.study = '{spec.name}'",
+    found = retry(client.search_runs, [exp], f"tags.{Tag.ROLE} = '{Tag.ROLE_STUDY}' and tags.{Tag.STUDY} = '{spec.name}'",
                            max_results=1, order_by=["attributes.start_time DESC"])
     earlier = found[0].data.tags if found else {}  # a rerun of some pairs keeps the others listed
     # No variant of its own: the base config's variant would read as one of the study's.
-    tags = {"recontrast_role": "study", "study_file": str(spec.path), "category": "(study)",
-            "variant": None, "ablation": None}
-    for key, names in (("variants", [*spec.variants, *(j.variant for j in todo)]),
-                       ("categories", [j.category for j in todo])):
+    tags = {Tag.ROLE: Tag.ROLE_STUDY, Tag.STUDY_FILE: str(spec.path), Tag.CATEGORY: "(study)", Tag.VARIANT: None}
+    for key, names in ((Tag.VARIANTS, [*spec.variants, *(j.variant for j in todo)]),
+                       (Tag.CATEGORIES, [j.category for j in todo]), (Tag.SWITCHES, switches(spec))):
         tags[key] = ",".join(dict.fromkeys([*filter(None, earlier.get(key, "").split(",")), *names]))
     return tracking.start_run(base, run_name=f"study:{spec.name}", tags=tags, params=study_params(base, spec),
                               run_id=found[0].info.run_id if found else None)

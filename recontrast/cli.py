@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from recontrast.config import ConfigError
+from recontrast.config import EXPORT_RUNTIMES, ONNX, RUNTIMES, TORCH, ConfigError
 
 MAX_MESSAGE = 600  # characters of an error message shown: the start (what) and the end (the fix)
 
@@ -118,7 +118,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from recontrast.export import export
 
-    runtime = args.runtime or args.format or "onnx"
+    runtime = args.runtime or args.format or ONNX
     if args.format and args.runtime and args.format != args.runtime:
         raise ValueError(f"--format {args.format} (the former name of --runtime onnx) contradicts --runtime {args.runtime}")
     path = export(args.checkpoint, out=args.out, image_size=args.image_size, runtime=runtime, int8=args.int8,
@@ -132,8 +132,8 @@ def _batch(args: argparse.Namespace) -> None:
 
     if args.executor != "ray" and (args.address or args.cpus_per_pair or args.gpus_per_pair is not None):
         raise ConfigError("--address, --cpus-per-pair and --gpus-per-pair need --executor ray")
-    ray = RayOptions(args.address, args.cpus_per_pair, args.gpus_per_pair, args.max_retries) \
-        if args.executor == "ray" else None
+    ray = (RayOptions(args.address, args.cpus_per_pair, args.gpus_per_pair, args.max_retries)
+           if args.executor == "ray" else None)
     report = run_study(
         args.study, categories=args.categories, jobs=args.jobs, force=args.force,
         overrides=args.set, variants=args.variants, register=args.register, ray=ray,
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="preds")
     p.add_argument("--threshold", type=THRESHOLD, default="normal",
                    help="'normal' (from good images only), 'f1' or a number")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "openvino"],
+    p.add_argument("--runtime", default=TORCH, choices=RUNTIMES,
                    help="what runs the model: PyTorch, ONNX Runtime or OpenVINO (CPU; the model is "
                         "exported beside the checkpoint on first use)")
     p.add_argument("--int8", action="store_true",
@@ -216,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("export", _export, "export the inference graph (image -> map + score)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--runtime", default=None, choices=["onnx", "openvino"],
+    p.add_argument("--runtime", default=None, choices=EXPORT_RUNTIMES,
                    help="onnx: an .onnx file (ONNX Runtime); openvino: an OpenVINO IR (.xml + .bin)")
-    p.add_argument("--format", default=None, choices=["onnx"], help="the former name of --runtime onnx")
+    p.add_argument("--format", default=None, choices=[ONNX], help="the former name of --runtime onnx")
     p.add_argument("--int8", action="store_true",
                    help="static int8 quantization, calibrated on the checkpoint's normal training images")
     p.add_argument("--calibration-images", type=POSITIVE, default=64,

@@ -11,7 +11,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,7 +25,7 @@ class DataConfig:
     category: str = "weave"
     # "mvtec": train/good, test/<type>, ground_truth/<type>/<stem>_mask.png (VisA once converted).
     # "folder": a user's own folder with good/ and defect folders, masks optional.
-    format: str = "mvtec"
+    format: Literal["mvtec", "folder"] = "mvtec"
     image_size: int = 256
     # Skip unreadable images with a warning (counted and logged) instead of stopping.
     skip_bad_images: bool = False
@@ -47,7 +47,7 @@ class ModelConfig:
     # Off: each head reconstructs its own encoder's features (no cross reconstruction).
     contrast: bool = True
     # "train", "eval", or "auto" (method.md's per-category defaults).
-    encoder_bn: str = "auto"
+    encoder_bn: Literal["train", "eval", "auto"] = "auto"
     # Widens bottleneck and decoder; narrow backbones (EfficientNet-Lite) may need > 1.
     width_mult: float = 1.0
     # NHWC tensors: oneDNN (CPU) and cuDNN convolutions skip layout reorders. Not bit-identical
@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     # "global": one cosine over the whole C*H*W vector per sample; "regional": per-pixel cosine.
-    kind: str = "global"
+    kind: Literal["global", "regional"] = "global"
     stop_grad: bool = True
     hard_mining: bool = True
     # Gradient multiplier for well-reconstructed points (below the threshold).
@@ -94,7 +94,7 @@ class TrainConfig:
     # paper), "bf16", "fp16" (CUDA only, with a gradient scaler) or "auto" (bf16 where the device
     # runs it natively: CUDA with bf16, a CPU with avx512_bf16 or AMX; fp32 elsewhere). The
     # loss, partial-BN statistics, anomaly maps and metrics stay fp32 (runtime.autocast).
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     # The frozen encoder's features of every training image computed once and reused: its
     # weights never change and the recipe has no augmentation, so they are the same every
     # epoch (bit-identical training, one encoder forward per step fewer). Skipped, saying so,
@@ -127,7 +127,7 @@ class TrainConfig:
     # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
     # "proxy" (the evaluation with the best proxy/score, every eval_every iterations; no
     # test label is used). best.ckpt holds them; last.ckpt stays the resume point.
-    select: str = "last"
+    select: Literal["last", "proxy"] = "last"
     checkpoint_every: int = 100
     # Divergence watch: warn when the loss trend over this window rises after warm-up.
     divergence_window: int = 100
@@ -136,13 +136,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    combine: str = "sum"  # sum | mean | product over the (target, prediction) pairs
+    combine: Literal["sum", "mean", "product"] = "sum"  # over the (target, prediction) pairs
     sigma: float = 4.0
     # Weight of each encoder level's pairs in the map (shallow to deep, both heads alike).
     # The paper sums all levels alike (1, 1, 1). With EfficientNet-Lite0, level 3 (112 ch at
     # H/16) is coarse and blurs defect borders: experiments/cpu_bottle.yaml weights it down.
     level_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    score: str = "max"  # max | topk_mean
+    score: Literal["max", "topk_mean"] = "max"
     topk: float = 0.01
     batch_size: int = 8
     num_bins: int = 16384  # pixel-metric histogram resolution (see metrics.py for the bound)
@@ -192,6 +192,12 @@ class Config:
     def __str__(self) -> str:
         return self.to_yaml()
 
+
+# What runs a trained model (recontrast.runtimes: PyTorch, ONNX Runtime, OpenVINO on the CPU).
+# Named here, not in runtimes, so the CLI's parser lists them without importing torch.
+TORCH, ONNX, OPENVINO = "torch", "onnx", "openvino"
+RUNTIMES = (TORCH, ONNX, OPENVINO)
+EXPORT_RUNTIMES = (ONNX, OPENVINO)  # the ones a file is exported for
 
 # Keys that say where and how a run executes, not what it computes (one process ignores
 # train.sync_bn): a study's fingerprint leaves them out, and a resume may change them.
@@ -243,6 +249,8 @@ def _parse(value: str) -> Any:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Returns `value` converted to the field type `tp`, or raises ConfigError."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a string among the field's choices: validate() checks which
+        tp, origin = str, None
     if origin is tuple:
         if isinstance(value, str):
             value = _parse(value)

@@ -194,8 +194,8 @@ class MVTecDataset(ImageDataset):
             entries = [Sample(p, 0, "good", None)
                        for p in _require_images(base / "train" / "good", "training")]
         elif split == "test":
-            types = sorted(p.name for p in (base / "test").iterdir() if p.is_dir()) \
-                if (base / "test").is_dir() else []
+            types = (sorted(p.name for p in (base / "test").iterdir() if p.is_dir())
+                     if (base / "test").is_dir() else [])
             # No ground_truth/ folder at all: an image-level dataset (good/defect labels only);
             # pixel metrics are then n/a. With the folder, every defect image needs its mask.
             has_masks = (base / "ground_truth").is_dir()

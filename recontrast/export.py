@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from recontrast.calibration import is_calibrated
+from recontrast.config import ONNX, TORCH
 from recontrast.infer import Detector, calibrated_settings, normal_batches
 from recontrast.model import load_model
 from recontrast.runtimes import InferenceGraph, check_runtime, model_path, require_packages
@@ -22,25 +23,20 @@ from recontrast.runtimes import InferenceGraph, check_runtime, model_path, requi
 __all__ = ["InferenceGraph", "export"]
 
 
-def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str | None = None,
-           image_size: int | None = None, runtime: str = "onnx", int8: bool = False,
+def export(checkpoint: str | Path, out: str | Path | None = None,
+           image_size: int | None = None, runtime: str = ONNX, int8: bool = False,
            calibration_images: int = 64, data_root: str | Path | None = None) -> Path:
     """Returns the path of the exported inference graph (dynamic batch axis).
 
     runtime "onnx" writes an .onnx file, "openvino" an IR (.xml + .bin); default `out`
     beside the checkpoint (runtimes.model_path: last.onnx, last.int8.onnx, last.xml,
     last.int8.xml). int8: static quantization calibrated on `calibration_images` of the
-    checkpoint's training images (under `data_root`, default its data.root). fmt: the
-    former name of `runtime` ("onnx"). Inputs "image" (B, 3, S, S); outputs "anomaly_map"
-    (B, 1, S, S) and "score" (B,), both raw. The checkpoint's calibration is stored as JSON
+    checkpoint's training images (under `data_root`, default its data.root). Inputs "image"
+    (B, 3, S, S); outputs "anomaly_map" (B, 1, S, S) and "score" (B,), both raw. The checkpoint's calibration is stored as JSON
     in the metadata ("recontrast.calibration") so a deployment can apply the same
     normalisation.
     """
-    if fmt is not None and fmt != "onnx":
-        raise ValueError(f"export format {fmt!r} is not supported; use runtime 'onnx' or 'openvino'")
-    if fmt is not None and runtime != "onnx":
-        raise ValueError(f"format 'onnx' (the former name of runtime 'onnx') contradicts runtime {runtime!r}")
-    if check_runtime(runtime) == "torch":
+    if check_runtime(runtime) == TORCH:
         raise ValueError("runtime 'torch' is the checkpoint itself; export to 'onnx' or 'openvino'")
     if image_size is not None and (image_size <= 0 or image_size % 32):
         raise ValueError(f"image_size={image_size} must be a positive multiple of 32 "

@@ -34,7 +34,7 @@ from recontrast import plots, runtimes
 from recontrast.anomaly_map import image_score, maps_for, max_map_value
 from recontrast.calibration import is_calibrated, pick_threshold, threshold_scale
 from recontrast.checkpoint import load_checkpoint
-from recontrast.config import DataConfig, EvalConfig, from_dict
+from recontrast.config import ONNX, TORCH, DataConfig, EvalConfig, from_dict
 from recontrast.data import FolderDataset, MVTecDataset
 from recontrast.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, DataError, decode_image,
                                imagenet_normalise, resize_rgb)
@@ -194,13 +194,13 @@ class Detector:
     def runtime(self) -> str:
         """Returns what runs the model: "torch", "onnx", "onnx int8", "openvino" or "openvino int8"."""
         if self.session is None:
-            return "torch"
+            return TORCH
         int8 = self.session.metadata.get("recontrast.precision") == "int8"
         return f"{self.session.runtime} int8" if int8 else self.session.runtime
 
     @classmethod
     def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", threshold: str | float | None = None,
-             runtime: str = "torch", int8: bool = False, model_path: str | Path | None = None,
+             runtime: str = TORCH, int8: bool = False, model_path: str | Path | None = None,
              threads: int | None = None, calibration_images: int = 64,
              data_root: str | Path | None = None) -> Detector:
         """Returns the Detector of a checkpoint (read with weights_only=True).
@@ -215,7 +215,7 @@ class Detector:
         calibrates on `calibration_images` of the checkpoint's training images, found under
         `data_root` (default: the checkpoint's data.root).
         """
-        if runtimes.check_runtime(runtime) == "torch":
+        if runtimes.check_runtime(runtime) == TORCH:
             if int8 or model_path is not None:
                 raise ValueError("int8 and model_path apply to exported models: runtime 'onnx' or 'openvino'")
             model, cfg, state = load_model(ckpt, device)
@@ -244,7 +244,7 @@ class Detector:
                              f"({', '.join(differ)}); export it again: recontrast export --checkpoint {source} "
                              f"--runtime {session.runtime} --out {session.path}")
 
-    def export(self, out: str | Path, runtime: str = "onnx",
+    def export(self, out: str | Path, runtime: str = ONNX,
                int8_batches: Sequence[np.ndarray] | None = None) -> Path:
         """Returns `out`, this detector's torch model written for `runtime` (runtimes.write_model:
         fp32, or int8 calibrated on `int8_batches`), scoring as the detector does, with its
@@ -416,7 +416,7 @@ def _heatmap_name(short: str, used: set[str]) -> str:
 
 
 def main_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path = "preds",
-                 threshold: str = "normal", runtime: str = "torch", int8: bool = False,
+                 threshold: str = "normal", runtime: str = TORCH, int8: bool = False,
                  model_path: str | Path | None = None, threads: int | None = None,
                  data_root: str | Path | None = None) -> list[dict[str, Any]]:
     """Returns one row per input image (path, score, raw_score, anomalous, ..., error) after
@@ -430,7 +430,7 @@ def main_predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: str 
     files = collect_images(inputs)
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
-    device = pick_device("auto") if runtime == "torch" else "cpu"
+    device = pick_device("auto") if runtime == TORCH else "cpu"
     det = Detector.load(checkpoint, device=device, threshold=None if threshold in (None, "") else threshold,
                         runtime=runtime, int8=int8, model_path=model_path, threads=threads, data_root=data_root)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from recontrast.calibration import is_calibrated
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.config import from_dict
 from recontrast.images import IMAGE_EXTENSIONS, load_rgb, resize_rgb
-from recontrast.mlflow_store import get_client, retry
+from recontrast.mlflow_store import Tag, get_client, retry
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def log_detector(run_id: str, checkpoint: str | Path, uri: str | None = None, st
     client = get_client(uri=uri)
     run = client.get_run(run_id)
     cfg = from_dict(ckpt["config"])
-    tags = {"category": cfg.data.category, "iteration": str(ckpt.get("iteration", ""))}
-    tags |= {k: run.data.tags[k] for k in ("variant", "study") if run.data.tags.get(k)}
+    tags = {Tag.CATEGORY: cfg.data.category, "iteration": str(ckpt.get("iteration", ""))}
+    tags |= {k: run.data.tags[k] for k in (Tag.VARIANT, Tag.STUDY) if run.data.tags.get(k)}
     model = retry(client.create_logged_model, run.info.experiment_id, MODEL_NAME, source_run_id=run_id,
                   tags=tags, params={k: v[:6000] for k, v in run.data.params.items()})
     try:
@@ -171,6 +171,6 @@ def register(run_id: str, name: str, uri: str | None = None, tags: dict[str, Any
         if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
             raise
     run_tags = client.get_run(run_id).data.tags
-    version_tags = {k: run_tags[k] for k in ("category", "variant", "study") if run_tags.get(k)}
+    version_tags = {k: run_tags[k] for k in (Tag.CATEGORY, Tag.VARIANT, Tag.STUDY) if run_tags.get(k)}
     return retry(client.create_model_version, name, source, run_id=run_id, model_id=model_id,
                  tags={**version_tags, **{k: str(v) for k, v in (tags or {}).items()}})

@@ -23,6 +23,26 @@ DEFAULT_DB = Path("mlruns") / "mlflow.db"
 RUN_ID_FILE = "mlflow_run_id"  # written next to the checkpoint: notebook 03 / `evaluate` find the run
 RUN_FOLDER_TAG = "run_folder"  # the absolute folder a run trains into: a copied folder is not it
 PROBE_TIMEOUT_S = 3.0
+STALE_RUN = "StaleRun"  # the error_type of a run fix_stale_runs marked FAILED
+
+
+class RunStatus:
+    """MLflow's run statuses: what runs end with and what searches and tables compare to."""
+
+    RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+
+
+class Tag:
+    """The names of the MLflow tags recontrast writes and reads back: one name, one place."""
+
+    CATEGORY, VARIANT, STUDY = "category", "variant", "study"
+    CHECKPOINT, EVALUATED_CHECKPOINT, RUN_FOLDER = "checkpoint", "evaluated_checkpoint", RUN_FOLDER_TAG
+    HEALTH, HEALTH_REASON = "health", "health_reason"  # values: recontrast.health's statuses
+    ERROR, ERROR_TYPE = "error", "error_type"
+    # A study's parent run and comparison runs: ROLE tells them from the pairs' runs.
+    ROLE, ROLE_STUDY, ROLE_COMPARISON = "recontrast_role", "study", "comparison"
+    VARIANTS, CATEGORIES, SWITCHES, STUDY_FILE = "variants", "categories", "switches", "study_file"
+    PAIRS_DONE, PAIRS_FAILED, BASELINE = "pairs_done", "pairs_failed", "baseline"
 
 
 class StoreUnreachable(ConnectionError):
@@ -159,7 +179,7 @@ def fix_stale_runs(older_than_s: float = 0.0, uri: str | None = None) -> list[st
     for i in range(0, len(experiments), 100):
         token = None
         while True:
-            page = client.search_runs(experiments[i : i + 100], "attributes.status = 'RUNNING'",
+            page = client.search_runs(experiments[i : i + 100], f"attributes.status = '{RunStatus.RUNNING}'",
                                       max_results=1000, page_token=token)
             for r in page:
                 tags, reason = r.data.tags, None
@@ -173,10 +193,11 @@ def fix_stale_runs(older_than_s: float = 0.0, uri: str | None = None) -> list[st
                     if silent > older_than_s:
                         reason = f"it was silent for {silent:.0f} s (> {older_than_s:.0f} s)"
                 if reason:
-                    retry(client.set_tag, r.info.run_id, "error",
+                    retry(client.set_tag, r.info.run_id, Tag.ERROR,
                           f"marked FAILED by `recontrast runs --fix-stale`: {reason}")
-                    retry(client.set_tag, r.info.run_id, "error_type", "StaleRun")
-                    retry(client.set_terminated, r.info.run_id, "FAILED", end_time=int(_last_activity(client, r)))
+                    retry(client.set_tag, r.info.run_id, Tag.ERROR_TYPE, STALE_RUN)
+                    retry(client.set_terminated, r.info.run_id, RunStatus.FAILED,
+                          end_time=int(_last_activity(client, r)))
                     fixed.append(r.info.run_id)
             token = page.token
             if not token:
@@ -229,7 +250,7 @@ def run_of_folder(client, folder: str | Path) -> str | None:
         return None
     tags = run.data.tags
     # Runs logged before the run_folder tag existed name their folder through the checkpoint tag.
-    trained_in = tags.get(RUN_FOLDER_TAG) or (str(Path(tags["checkpoint"]).parent) if tags.get("checkpoint") else "")
+    trained_in = tags.get(Tag.RUN_FOLDER) or (str(Path(tags[Tag.CHECKPOINT]).parent) if tags.get(Tag.CHECKPOINT) else "")
     if trained_in and Path(trained_in).resolve() != Path(folder).resolve():
         return None
     return run_id
@@ -241,7 +262,7 @@ def checkpoint_of(run_id: str, uri: str | None = None) -> Path:
     inference weights of its logged MLflow model, downloaded."""
     client = get_client(uri=uri)
     run = client.get_run(run_id)
-    tagged = run.data.tags.get("checkpoint") or run.data.tags.get("evaluated_checkpoint")
+    tagged = run.data.tags.get(Tag.CHECKPOINT) or run.data.tags.get(Tag.EVALUATED_CHECKPOINT)
     if tagged and Path(tagged).is_file():
         return Path(tagged)
     try:
@@ -290,7 +311,7 @@ def find_run(checkpoint: str | Path, uri: str | None = None) -> str | None:
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     path = str(checkpoint).replace("'", "\\'")
     for i in range(0, len(experiments), 100):
-        runs = client.search_runs(experiments[i : i + 100], f"tags.checkpoint = '{path}'",
+        runs = client.search_runs(experiments[i : i + 100], f"tags.{Tag.CHECKPOINT} = '{path}'",
                                   max_results=1, order_by=["attributes.start_time DESC"])
         if runs:
             return runs[0].info.run_id

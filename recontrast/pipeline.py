@@ -26,7 +26,7 @@ from recontrast.distributed import is_main_process
 from recontrast.evaluate import PROXY_PREFIX, EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
 from recontrast.locks import folder_lock
-from recontrast.mlflow_store import (RUN_FOLDER_TAG, check_reachable, get_client, run_of_folder, tracking_uri,
+from recontrast.mlflow_store import (Tag, check_reachable, get_client, run_of_folder, tracking_uri,
                                      write_run_id)
 from recontrast.model import load_model
 from recontrast.preflight import check_device, check_evaluation_overrides, check_resumable
@@ -128,8 +128,8 @@ def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOpti
     data = datasets if datasets is not None else build_datasets(cfg.data)
     # Under torchrun the ranks of one training share the folder: rank 0 holds its lock.
     owner = is_main_process()
-    lock = folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)") \
-        if owner else contextlib.nullcontext()
+    lock = (folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)")
+            if owner else contextlib.nullcontext())
     with lock:
         if opts.resume:
             check_resumable(cfg)
@@ -161,7 +161,7 @@ def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
 
     # Reopen the folder's run only if it trained in this very folder (not in the one this was copied from).
     previous = run_of_folder(get_client(cfg), out) if opts.resume else None
-    tags = {**(opts.tags or {}), RUN_FOLDER_TAG: str(out.resolve())}
+    tags = {**(opts.tags or {}), Tag.RUN_FOLDER: str(out.resolve())}
     with contextlib.ExitStack() as stack:
         def open_run() -> tracking.Run:
             run = stack.enter_context(tracking.start_run(cfg, run_name=opts.run_name, run_id=previous,
@@ -207,7 +207,7 @@ def check_health(cfg: Config, result: TrainResult, run: tracking.Run | None) -> 
         log.warning(health.message)
         warnings.warn(health.message, RuntimeWarning, stacklevel=3)
     if run is not None:
-        run.set_tags({"health": health.status, "health_reason": "; ".join(health.reasons)[:5000] or "-"})
+        run.set_tags({Tag.HEALTH: health.status, Tag.HEALTH_REASON: "; ".join(health.reasons)[:5000] or "-"})
     return health
 
 

@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 
 from recontrast.config import ConfigError, load_config
-from recontrast.mlflow_store import get_client, read_run_id, retry
+from recontrast.mlflow_store import RunStatus, Tag, get_client, read_run_id, retry
 from recontrast.runtime import process_alive, project_root
-from recontrast.study import Job, study_status
+from recontrast.study import Job, PairStatus, study_status
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _run_pair(execute: Callable[[Job], Any], job: Job, token: str):
     attempt = _record_attempt(Path(job.folder), token)
     if attempt > 1:
         _end_dead_attempt(job, f"its Ray worker died; Ray retried the pair (attempt {attempt})")
-        job.resume = study_status(job, force=False) == "resume"
+        job.resume = study_status(job, force=False) == PairStatus.RESUME
         log.warning("%s/%s: attempt %d on %s, %s", job.variant, job.category, attempt, socket.gethostname(),
                     "resuming from its checkpoint" if job.resume else "starting over")
     return execute(job)
@@ -200,7 +200,7 @@ def _end_dead_attempt(job: Job, reason: str, wait_s: float = 60.0) -> None:
     try:
         client = get_client(uri=job.uri or None)
         run = client.get_run(run_id)
-        if run.info.status != "RUNNING":
+        if run.info.status != RunStatus.RUNNING:
             return
         tags = run.data.tags
         pid, start = tags.get("pid", ""), tags.get("process_start", "")
@@ -208,9 +208,9 @@ def _end_dead_attempt(job: Job, reason: str, wait_s: float = 60.0) -> None:
         while (tags.get("hostname") == socket.gethostname() and pid.isdigit() and process_alive(int(pid), start)
                and time.monotonic() < deadline):
             time.sleep(0.2)
-        retry(client.set_tag, run_id, "error", reason)
-        retry(client.set_tag, run_id, "error_type", "WorkerDied")
-        retry(client.set_terminated, run_id, "FAILED")
+        retry(client.set_tag, run_id, Tag.ERROR, reason)
+        retry(client.set_tag, run_id, Tag.ERROR_TYPE, "WorkerDied")
+        retry(client.set_terminated, run_id, RunStatus.FAILED)
     except Exception as err:  # the pair's outcome is reported either way
         log.warning("could not mark run %s of %s/%s FAILED: %s (`recontrast runs --fix-stale` will)",
                     run_id, job.variant, job.category, err)

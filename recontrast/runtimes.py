@@ -29,9 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from recontrast.anomaly_map import image_score, max_map_value, maps_for
-from recontrast.config import EvalConfig
+from recontrast.config import EXPORT_RUNTIMES, ONNX, OPENVINO, RUNTIMES, TORCH, EvalConfig
 
-RUNTIMES = ("torch", "onnx", "openvino")
 # package -> the pyproject extra that installs it
 EXTRAS = {"onnxruntime": "export", "onnx": "export", "openvino": "openvino"}
 # Op types quantized to int8: the convolutions hold nearly all the compute. Everything else
@@ -71,8 +70,8 @@ def check_runtime(runtime: str) -> str:
 # How write_model makes a file, recorded in it: a file made another way is written again.
 RECIPE = "2: QDQ int8 (u8 activations per tensor, s8 weights per channel, minmax); float stems, depthwise convs, map head"
 # The file each (runtime, int8) writes beside a checkpoint: last.ckpt -> last.int8.xml, ...
-SUFFIXES = {("onnx", False): ".onnx", ("onnx", True): ".int8.onnx",
-            ("openvino", False): ".xml", ("openvino", True): ".int8.xml"}
+SUFFIXES = {(ONNX, False): ".onnx", (ONNX, True): ".int8.onnx",
+            (OPENVINO, False): ".xml", (OPENVINO, True): ".int8.xml"}
 
 
 class InferenceGraph(nn.Module):
@@ -101,7 +100,7 @@ class InferenceGraph(nn.Module):
 def model_path(checkpoint: str | Path, runtime: str, int8: bool = False) -> Path:
     """Returns the file `runtime`'s model of `checkpoint` is written to by default, beside it:
     last.ckpt -> last.onnx, last.int8.onnx, last.xml (+ last.bin) or last.int8.xml."""
-    if check_runtime(runtime) == "torch":
+    if check_runtime(runtime) == TORCH:
         raise ValueError("runtime 'torch' runs the checkpoint itself: there is no file to write")
     return Path(checkpoint).with_suffix(SUFFIXES[runtime, bool(int8)])
 
@@ -109,17 +108,17 @@ def model_path(checkpoint: str | Path, runtime: str, int8: bool = False) -> Path
 def require_packages(runtime: str, int8: bool = False, write: bool = True) -> None:
     """Raises RuntimeMissing when a package that running `runtime`'s model needs (and with
     `write`, writing it: onnx, the quantizer for int8) is missing."""
-    if runtime == "openvino":
+    if runtime == OPENVINO:
         _require("openvino", "the openvino runtime")
-    elif runtime == "onnx" or int8:
-        _require("onnxruntime", "the onnx runtime" if runtime == "onnx" else "int8 quantization")
+    elif runtime == ONNX or int8:
+        _require("onnxruntime", "the onnx runtime" if runtime == ONNX else "int8 quantization")
     if write:
         _require("onnx", "export")
     if write and int8:
         _require("onnxruntime.quantization", "int8 quantization")
 
 
-def write_model(graph: InferenceGraph, out: str | Path, runtime: str = "onnx",
+def write_model(graph: InferenceGraph, out: str | Path, runtime: str = ONNX,
                 int8_batches: Iterable[np.ndarray] | None = None,
                 metadata: dict[str, str] | None = None) -> Path:
     """Returns `out`, the graph as `runtime`'s model: ONNX (.onnx) or OpenVINO IR (.xml + .bin),
@@ -130,7 +129,7 @@ def write_model(graph: InferenceGraph, out: str | Path, runtime: str = "onnx",
     scoring settings), "recontrast.map_max", "recontrast.precision" and "recontrast.recipe". Written in a
     temporary folder beside `out`, then renamed: a reader never sees half a model.
     """
-    if check_runtime(runtime) == "torch":
+    if check_runtime(runtime) == TORCH:
         raise ValueError("runtime 'torch' runs the checkpoint itself: there is no file to write")
     out = Path(out)
     if out.suffix != SUFFIXES[runtime, False]:
@@ -145,7 +144,7 @@ def write_model(graph: InferenceGraph, out: str | Path, runtime: str = "onnx",
         onnx_path = write_onnx(graph, Path(tmp) / "model.onnx", metadata)
         if int8_batches is not None:
             onnx_path = quantize_onnx_int8(onnx_path, Path(tmp) / "model.int8.onnx", int8_batches)
-        if runtime == "onnx":
+        if runtime == ONNX:
             os.replace(onnx_path, out)
         else:
             xml = convert_openvino(onnx_path, Path(tmp) / "ir.xml")
@@ -326,15 +325,15 @@ class Session:
 
     def __init__(self, path: str | Path, runtime: str, threads: int | None = None):
         self.path, self.runtime, self.threads = Path(path), check_runtime(runtime), threads
-        if runtime == "torch":
+        if runtime == TORCH:
             raise ValueError("runtime 'torch' runs the checkpoint in PyTorch (infer.Detector); "
-                             f"Session loads exported graphs: {', '.join(RUNTIMES[1:])}")
+                             f"Session loads exported graphs: {', '.join(EXPORT_RUNTIMES)}")
         if not self.path.is_file():
             raise FileNotFoundError(f"no exported model at {self.path}")
-        if runtime == "onnx" and self.path.suffix != ".onnx":
+        if runtime == ONNX and self.path.suffix != ".onnx":
             raise ValueError(f"the onnx runtime loads .onnx files, not {self.path.name}")
         self.metadata: dict[str, str] = {}  # the export's "recontrast.*" entries (calibration)
-        self._run = self._onnx() if runtime == "onnx" else self._openvino()
+        self._run = self._onnx() if runtime == ONNX else self._openvino()
         size = self.metadata.get("recontrast.image_size")
         self.image_size = int(size) if size else None  # the maps are drawn at this size
 

@@ -30,10 +30,14 @@ from recontrast.runtime import project_root
 
 log = logging.getLogger(__name__)
 
-# Config switches an ablation may flip; notebook 04 compares the ones that vary in a study.
-SWITCHES = ("model.domain_adaptation", "loss.stop_grad", "model.contrast", "loss.hard_mining",
-            "loss.kind", "model.encoder_bn", "train.stable", "loss.factor")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
+
+
+class PairStatus:
+    """What study_status finds for a pair (RUN, RESUME, DONE), and what a batch did with it
+    (batch.PairResult.status: DONE, SKIPPED, FAILED)."""
+
+    RUN, RESUME, DONE, SKIPPED, FAILED = "run", "resume", "done", "skipped", "failed"
 
 
 @dataclass
@@ -75,6 +79,12 @@ def load_study(path: str | Path) -> Study:
     return Study(name=str(block.get("name") or path.stem), path=path.resolve(),
                  categories=[str(c) for c in block.get("categories") or []],
                  variants={str(k): _as_overrides(v, f"{path}: study.variants.{k}") for k, v in variants.items()})
+
+
+def switches(study: Study) -> list[str]:
+    """Returns the config keys the study's variants set, in the study file's order: the
+    switches its ablation compares (the parent run's tag `switches`, study_results' columns)."""
+    return list(dict.fromkeys(o.split("=", 1)[0].strip() for overrides in study.variants.values() for o in overrides))
 
 
 def _as_overrides(value: Any, where: str) -> list[str]:
@@ -141,21 +151,21 @@ def _given(study: str, variant: str, category: str, folder: Path) -> list[str]:
 
 
 def study_status(job: Job, force: bool) -> str:
-    """Returns 'done' (a matching done.json), 'resume' (a checkpoint of the same config) or 'run'."""
+    """Returns PairStatus.DONE (a matching done.json), RESUME (a checkpoint of the same config) or RUN."""
     folder = Path(job.folder)
     if force:
-        return "run"
+        return PairStatus.RUN
     try:
         done = json.loads((folder / "done.json").read_text())
         if done.get("fingerprint") == job.fingerprint:
-            return "done"
+            return PairStatus.DONE
         log.info("%s/%s: config changed since it finished; running it again", job.variant, job.category)
     except (OSError, ValueError):
         pass
     try:
         started = json.loads((folder / "started.json").read_text())
         if started.get("fingerprint") == job.fingerprint and (folder / "train" / "last.ckpt").is_file():
-            return "resume"
+            return PairStatus.RESUME
     except (OSError, ValueError):
         pass
-    return "run"
+    return PairStatus.RUN

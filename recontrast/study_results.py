@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from recontrast import tracking
-from recontrast.mlflow_store import experiment_id, get_client, retry
-from recontrast.study import METRICS, SWITCHES
+from recontrast.mlflow_store import RunStatus, Tag, experiment_id, get_client, retry
+from recontrast.study import METRICS, load_study, switches
 
 
 def _experiment_ids(client, experiment: str | None) -> list[str]:
@@ -26,40 +26,59 @@ def _experiment_ids(client, experiment: str | None) -> list[str]:
 
 def study_results(study: str, experiment: str | None = None, uri: str | None = None):
     """Returns a DataFrame, one row per run of `study` (latest per variant and category):
-    run_id, variant, category, status, the switches in SWITCHES and every metric."""
+    run_id, variant, category, status, the study's switches (the config keys its variants
+    set: `frame.attrs["switches"]`, read from its parent run) and every metric."""
     import pandas as pd
 
     client = get_client(uri=uri)
     experiments = _experiment_ids(client, experiment)
-    rows, variant_order = [], []
+    runs, parent = [], None
     for i in range(0, len(experiments), 100):
-        for run in client.search_runs(experiments[i:i + 100], f"tags.study = '{study}'", max_results=5000,
+        for run in client.search_runs(experiments[i:i + 100], f"tags.{Tag.STUDY} = '{study}'", max_results=5000,
                                       order_by=["attributes.start_time DESC"]):
-            tags = run.data.tags
-            if tags.get("recontrast_role"):  # the study's parent run or a comparison run
-                variant_order = variant_order or tags.get("variants", "").split(",")
-                continue
-            variant = tags.get("variant") or tags.get("ablation", "?")  # 'ablation': runs logged before #15
-            row = {"run_id": run.info.run_id, "variant": variant,
-                   "category": tags.get("category", "?"), "status": run.info.status,
-                   "start_time": run.info.start_time}
-            row.update({k: run.data.params.get(k) for k in SWITCHES})
-            row.update(run.data.metrics)
-            rows.append(row)
+            if run.data.tags.get(Tag.ROLE) == Tag.ROLE_STUDY:
+                parent = parent or run.data.tags  # the latest parent run
+            elif not run.data.tags.get(Tag.ROLE):  # not a comparison run
+                runs.append(run)
+    columns = _switches(parent or {})
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        row = {"run_id": run.info.run_id, "variant": tags.get(Tag.VARIANT, "?"),
+               "category": tags.get(Tag.CATEGORY, "?"), "status": run.info.status,
+               "start_time": run.info.start_time}
+        row.update({k: run.data.params.get(k) for k in columns})
+        row.update(run.data.metrics)
+        rows.append(row)
     frame = pd.DataFrame(rows)
+    frame.attrs["switches"] = columns
     if frame.empty:
         return frame
-    finished = frame[frame["status"] == "FINISHED"]
+    finished = frame[frame["status"] == RunStatus.FINISHED]
     # Newest first: keep the latest FINISHED run of each pair, else its latest run.
     frame = pd.concat([finished, frame]).drop_duplicates(["variant", "category"], keep="first")
+    variant_order = [v for v in (parent or {}).get(Tag.VARIANTS, "").split(",") if v]
     rank = {v: i for i, v in enumerate(variant_order)}  # the study file's order
     frame["rank"] = [rank.get(v, len(rank)) for v in frame["variant"]]
-    return frame.sort_values(["rank", "variant", "category"]).drop(columns="rank").reset_index(drop=True)
+    frame = frame.sort_values(["rank", "variant", "category"]).drop(columns="rank").reset_index(drop=True)
+    frame.attrs["switches"] = columns
+    return frame
+
+
+def _switches(parent_tags: dict[str, str]) -> list[str]:
+    """Returns the config keys a study's variants set: its parent run's tag `switches`, else
+    (a parent run logged before that tag) those of the study file it names, else []."""
+    if Tag.SWITCHES in parent_tags:
+        return [k for k in parent_tags[Tag.SWITCHES].split(",") if k]
+    try:
+        return switches(load_study(parent_tags[Tag.STUDY_FILE]))
+    except (KeyError, OSError, ValueError):  # no parent run, or its study file is gone or changed
+        return []
 
 
 def varying_switches(frame) -> list[str]:
-    """Returns the SWITCHES whose value differs between the runs of `frame`."""
-    return [s for s in SWITCHES if s in frame and frame[s].nunique(dropna=True) > 1]
+    """Returns the study's switches (study.switches) whose value differs between the runs of `frame`."""
+    return [s for s in frame.attrs.get("switches", []) if s in frame and frame[s].nunique(dropna=True) > 1]
 
 
 def ablation_table(frame, metric: str = "image_auroc", baseline: str = "full"):
@@ -67,7 +86,7 @@ def ablation_table(frame, metric: str = "image_auroc", baseline: str = "full"):
     variant's mean minus the baseline variant's mean (NaN when there is no baseline)."""
     import pandas as pd
 
-    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    finished = frame[frame["status"] == RunStatus.FINISHED] if "status" in frame else frame
     if finished.empty or metric not in finished:
         return pd.DataFrame()
     table = finished.pivot_table(index="variant", columns="category", values=metric, aggfunc="first")
@@ -83,7 +102,7 @@ def ablation_deltas(frame, metrics: Sequence[str] = METRICS, baseline: str = "fu
     variant's value minus the baseline variant's on the same category."""
     import pandas as pd
 
-    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    finished = frame[frame["status"] == RunStatus.FINISHED] if "status" in frame else frame
     metrics = [m for m in metrics if m in finished]
     long = finished.melt(id_vars=["variant", "category"], value_vars=metrics, var_name="metric")
     base = long[long["variant"] == baseline].set_index(["category", "metric"])["value"]
@@ -99,7 +118,7 @@ def study_summary_metrics(frame, baseline: str = "full", metrics: Sequence[str] 
     variant's value minus the baseline's; absent without a baseline run)."""
     import pandas as pd
 
-    finished = frame[frame["status"] == "FINISHED"] if "status" in frame else frame
+    finished = frame[frame["status"] == RunStatus.FINISHED] if "status" in frame else frame
     metrics = [m for m in metrics if m in finished]
     if finished.empty or not metrics:
         return {}
@@ -115,7 +134,7 @@ def study_summary_metrics(frame, baseline: str = "full", metrics: Sequence[str] 
 
 def _parent_run_id(client, experiments: list[str], study: str) -> str | None:
     """Returns the id of the latest parent run of `study` (tags recontrast_role=study), or None."""
-    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
+    found = client.search_runs(experiments, f"tags.{Tag.ROLE} = '{Tag.ROLE_STUDY}' and tags.{Tag.STUDY} = '{study}'",
                                max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
     return found[0].info.run_id if found else None
 
@@ -136,7 +155,7 @@ def log_study_metrics(study: str, parent_run_id: str | None = None, experiment: 
     summary = study_summary_metrics(frame, baseline, metrics)
     run = tracking.Run(parent_run_id, client)
     run.log_metrics(summary)
-    run.set_tags({"baseline": baseline})
+    run.set_tags({Tag.BASELINE: baseline})
     if summary:
         run_ids = {(v, c): r for v, c, r in zip(frame["variant"], frame["category"], frame["run_id"])}
         deltas = ablation_deltas(frame, metrics, baseline).dropna(subset=["delta"])
@@ -157,10 +176,10 @@ def log_comparison(study: str, paths: Sequence[str | Path], experiment: str | No
     else:
         exp_id = experiment_id(client, experiment or "recontrast")
         created = retry(client.create_run, exp_id, run_name=f"{study}-comparison",
-                                 tags={"study": study, "recontrast_role": "comparison"})
+                                 tags={Tag.STUDY: study, Tag.ROLE: Tag.ROLE_COMPARISON})
         run = tracking.Run(created.info.run_id, client)
     for path in paths:
         run.log_artifact(path, "comparison")
     if not parent_run_id:
-        run.end("FINISHED")
+        run.end(RunStatus.FINISHED)
     return run.run_id

@@ -29,9 +29,7 @@ from typing import Any, Callable, Iterator
 from recontrast import mlflow_model
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import Config, from_dict
-from recontrast.mlflow_store import (experiment_id, find_run, get_client, retry,  # noqa: F401 - re-exported
-                                     checkpoint_of, fix_stale_runs, read_run_id, run_exists, tracking_uri,
-                                     write_run_id)
+from recontrast.mlflow_store import STALE_RUN, RunStatus, Tag, experiment_id, find_run, get_client, retry, write_run_id
 from recontrast.runtime import process_identity, project_root
 from recontrast.train import DIVERGED, LOSS_RISING, Callback, TrainResult
 
@@ -96,8 +94,8 @@ class Run:
     def log_text(self, text: str, artifact_file: str) -> None:
         retry(self.client.log_text, self.run_id, text, artifact_file)
 
-    def end(self, status: str = "FINISHED") -> None:
-        if status == "FINISHED":
+    def end(self, status: str = RunStatus.FINISHED) -> None:
+        if status == RunStatus.FINISHED:
             self._clear_stale_mark()
         retry(self.client.set_terminated, self.run_id, status)
 
@@ -105,8 +103,8 @@ class Run:
         """A run `recontrast runs --fix-stale` marked FAILED while it was in fact still working
         (another host, silent too long) and that then finished must not keep the mark."""
         tags = self.client.get_run(self.run_id).data.tags
-        if tags.get("error_type") == "StaleRun":
-            for key in ("error", "error_type"):
+        if tags.get(Tag.ERROR_TYPE) == STALE_RUN:
+            for key in (Tag.ERROR, Tag.ERROR_TYPE):
                 with contextlib.suppress(Exception):
                     retry(self.client.delete_tag, self.run_id, key)
 
@@ -135,8 +133,8 @@ def run_tags(cfg: Config) -> dict[str, str]:
     """Returns the tags every training run carries (what it ran on, which code, which process)."""
     commit, dirty = git_state()
     tags = {
-        "category": cfg.data.category, "dataset": Path(cfg.data.root).name, "data_root": cfg.data.root,
-        "backbone": cfg.model.backbone, "variant": cfg.tracking.ablation, "study": cfg.tracking.study,
+        Tag.CATEGORY: cfg.data.category, "dataset": Path(cfg.data.root).name, "data_root": cfg.data.root,
+        "backbone": cfg.model.backbone, Tag.VARIANT: cfg.tracking.ablation, Tag.STUDY: cfg.tracking.study,
         "git_commit": commit, "git_dirty": str(dirty).lower(), **process_identity(),
     }
     return {k: v for k, v in tags.items() if v != ""}
@@ -211,7 +209,7 @@ def _end_with_error(run: Run, status: str, err: BaseException) -> None:
     """Marks `run` FAILED/KILLED with the error as tag and artifact; never raises."""
     try:
         message = f"{type(err).__name__}: {err}".strip()
-        run.set_tags({"error": message[:7000], "error_type": type(err).__name__})
+        run.set_tags({Tag.ERROR: message[:7000], Tag.ERROR_TYPE: type(err).__name__})
         run.log_text("".join(traceback.format_exception(err)), "error.txt")
     except Exception as log_err:  # the original error matters more
         log.warning("could not record the error in MLflow run %s: %s", run.run_id, log_err)
@@ -242,8 +240,8 @@ def start_run(cfg: Config, run_name: str | None = None, tags: dict[str, Any] | N
     all_tags = {k: v for k, v in all_tags.items() if v is not None}
     if run_id:
         run = Run(run_id, client)
-        retry(client.update_run, run_id, status="RUNNING")
-        for key in ("error", "error_type", *removed):
+        retry(client.update_run, run_id, status=RunStatus.RUNNING)
+        for key in (Tag.ERROR, Tag.ERROR_TYPE, *removed):
             with contextlib.suppress(Exception):
                 client.delete_tag(run_id, key)
         run.set_tags(all_tags)
@@ -257,19 +255,19 @@ def start_run(cfg: Config, run_name: str | None = None, tags: dict[str, Any] | N
         with system_metrics(run, log_system_metrics):
             yield run
     except KeyboardInterrupt as err:
-        _end_with_error(run, "KILLED", err)
+        _end_with_error(run, RunStatus.KILLED, err)
         raise
     except SystemExit as err:
         if err.code not in (0, None):
-            _end_with_error(run, "FAILED", err)
+            _end_with_error(run, RunStatus.FAILED, err)
             raise
-        run.end("FINISHED")
+        run.end(RunStatus.FINISHED)
         raise
     except BaseException as err:
-        _end_with_error(run, "FAILED", err)
+        _end_with_error(run, RunStatus.FAILED, err)
         raise
     else:
-        run.end("FINISHED")
+        run.end(RunStatus.FINISHED)
 
 # ----------------------------------------------------------------------------- training
 class MLflowCallback(Callback):
@@ -341,7 +339,7 @@ class MLflowCallback(Callback):
 
     def on_checkpoint(self, iteration: int, path: Path) -> None:
         path = Path(path).resolve()
-        self.run.set_tags({"checkpoint": str(path), "checkpoint_iteration": iteration})
+        self.run.set_tags({Tag.CHECKPOINT: str(path), "checkpoint_iteration": iteration})
         write_run_id(path.parent, self.run.run_id)
         self.flush()
 
@@ -367,7 +365,7 @@ def log_evaluation(result, checkpoint: str | Path, run_id: str | None = None, ur
         run.log_artifact(path, "evaluation" if path.suffix in (".json", ".csv") else "figures")
     if log_checkpoint and Path(checkpoint).is_file():
         log_trained_model(run, checkpoint, step=step)
-    run.set_tags({"evaluated_checkpoint": str(Path(checkpoint).resolve())})
+    run.set_tags({Tag.EVALUATED_CHECKPOINT: str(Path(checkpoint).resolve())})
     return run_id
 
 
@@ -385,7 +383,7 @@ def log_trained_model(run: Run, checkpoint: str | Path, step: int = 0, ckpt: dic
 def _log_evaluation_in_new_run(result, checkpoint, uri, step) -> str:
     cfg = from_dict(load_checkpoint(checkpoint)["config"])
     with start_run(cfg, run_name=f"evaluate-{cfg.data.category}", uri=uri,
-                   tags={"checkpoint": str(Path(checkpoint).resolve())}) as run:
+                   tags={Tag.CHECKPOINT: str(Path(checkpoint).resolve())}) as run:
         log_evaluation(result, checkpoint, run_id=run.run_id, uri=uri, step=step)
     return run.run_id
 

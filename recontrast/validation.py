@@ -6,9 +6,11 @@ key, the value and the fix, before any data is read or any model built.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any
+import typing
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -21,16 +23,13 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-_CHOICES = {
-    "data.format": ("mvtec", "folder"),
-    "model.encoder_bn": ("train", "eval", "auto"),
-    "loss.kind": ("global", "regional"),
-    "train.precision": ("fp32", "bf16", "fp16", "auto"),
-    "train.device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
-    "eval.combine": ("sum", "mean", "product"),
-    "eval.score": ("max", "topk_mean"),
-    "train.select": ("last", "proxy"),
-}
+def choices(cfg: Any) -> dict[str, tuple[str, ...]]:
+    """Returns {dotted key: its choices} for every key of the config tree typed `Literal[...]`:
+    the choices live on the config field (config.py), nowhere else. train.device is free-form."""
+    return {f"{section.name}.{name}": typing.get_args(tp)
+            for section in dataclasses.fields(cfg)
+            for name, tp in typing.get_type_hints(type(getattr(cfg, section.name))).items()
+            if typing.get_origin(tp) is Literal}
 
 
 def check_level_weights(weights, name: str = "level_weights") -> None:
@@ -97,9 +96,9 @@ def validate(cfg: Any) -> Any:
     """Returns cfg (a config.Config) if every value is usable; raises ConfigError naming the
     key, the value and the fix otherwise. Covers every key, so a bad value stops here."""
     flat = cfg.flatten()
-    for key, choices in _CHOICES.items():
-        if choices and flat[key] not in choices:
-            raise ConfigError(f"{key}={show(flat[key])} is not one of {', '.join(choices)}")
+    for key, options in choices(cfg).items():
+        if flat[key] not in options:
+            raise ConfigError(f"{key}={show(flat[key])} is not one of {', '.join(options)}")
     for key in _REQUIRED:
         if not str(flat[key]).strip():
             raise ConfigError(f"{key} is empty; give it a value, or leave the key out for its default")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -27,6 +28,39 @@ def synthetic_root(tmp_path_factory) -> Path:
     Shared by the whole session: tests must not write into it (copy it first).
     """
     return synthetic.generate(tmp_path_factory.mktemp("synthetic"), **SYNTH)
+
+
+class TinyModel(NamedTuple):
+    checkpoint: Path  # calibrated (evaluated once); copy it before writing into it
+    evaluation: Any  # the EvalResult that calibrated it
+    datasets: Any  # data.Datasets: train, val, test
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_root, tmp_path_factory) -> TinyModel:
+    """Returns one tiny trained and calibrated model for the whole session: resnet18 from
+    scratch, 64 px, synthetic 'disc', 2 iterations of batch 4, a quarter of train/good held
+    out. Trained once, not once per test module: tests must not write into its folder."""
+    import warnings
+
+    from recontrast.config import Config, apply_overrides
+    from recontrast.data import build_datasets
+    from recontrast.pipeline import run_evaluation
+    from recontrast.train import train
+
+    run = tmp_path_factory.mktemp("tiny_model")
+    cfg = apply_overrides(Config(), {
+        "data.root": str(synthetic_root), "data.category": "disc", "data.image_size": 64,
+        "data.val_fraction": 0.25, "model.backbone": "resnet18", "model.pretrained": "none",
+        "train.iters": 2, "train.batch_size": 4, "train.log_every": 0, "train.threads": 0,
+        "train.out": str(run), "tracking.enabled": False, "eval.figures": False, "eval.gif": False,
+    })
+    datasets = build_datasets(cfg.data)
+    with one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two iterations do not converge, and say so
+        ckpt = train(cfg, datasets=datasets).checkpoint
+        evaluation = run_evaluation(ckpt, out=run / "eval", track=False)
+    return TinyModel(ckpt, evaluation, datasets)
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +114,8 @@ def empty_store(tmp_path_factory, folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def _store_uri(tmp_path_factory) -> str:
-    """Returns one sqlite MLflow store for the module (creating its schema takes seconds)."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables once
-    return uri
+    """Returns one sqlite MLflow store for the module: a copy of the session's empty store."""
+    return empty_store(tmp_path_factory, tmp_path_factory.mktemp("mlruns"))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ the top of the file, so no import cycle can hide inside a function; notebooks ar
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -27,10 +28,25 @@ LAYERS = {
     "entry points": ["study", "study_results", "ray_executor", "batch", "demo", "cli", "__main__"],
 }
 ORDER = [m for layer in LAYERS.values() for m in layer]
+LAYER_ROWS = [(layer, m) for layer, modules in LAYERS.items() for m in modules]  # what the docs' tables draw
 # Imports inside functions: heavy or optional packages only (and the CLI's handlers, which
 # keep `recontrast --help` fast).
 LAZY_OK = {"mlflow", "papermill", "onnx", "onnxruntime", "openvino", "nncf", "pandas", "ray", "seaborn",
            "jupyter_client", "fcntl", "anomalib", "huggingface_hub"}
+
+
+def _dynamic_import(node) -> str | None:
+    """Returns the module a call imports by a literal name (importlib.import_module("x"),
+    import_module(".x", "recontrast"), __import__("x")), else None."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    first = node.args[0]
+    if called not in ("import_module", "__import__") or not (isinstance(first, ast.Constant)
+                                                             and isinstance(first.value, str)):
+        return None
+    return f"recontrast{first.value}" if first.value.startswith(".") else first.value
 
 
 def _imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
@@ -40,10 +56,12 @@ def _imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
     nested: list[tuple[int, str]] = []
 
     def names(node) -> list[str]:
+        if isinstance(node, ast.Call):
+            return [_dynamic_import(node)]
         if isinstance(node, ast.Import):
             return [a.name for a in node.names]
-        if node.level:  # relative import: from .x import y
-            return [f"recontrast.{node.module}" if node.module else "recontrast"]
+        if node.level:  # relative: from .x import y, from . import x
+            return [f"recontrast.{node.module}" if node.module else f"recontrast.{a.name}" for a in node.names]
         if node.module == "recontrast":
             return [f"recontrast.{a.name}" for a in node.names]
         return [node.module or ""]
@@ -51,7 +69,7 @@ def _imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
     def visit(node, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) or _dynamic_import(child):
                 for name in names(child):
                     if in_function:
                         nested.append((child.lineno, name))
@@ -61,6 +79,56 @@ def _imports(path: Path) -> tuple[set[str], list[tuple[int, str]]]:
 
     visit(tree, False)
     return top, nested
+
+
+@pytest.mark.parametrize("source, top, nested", [
+    ("from . import train", {"train"}, []),
+    ("from .train import Callback", {"train"}, []),
+    ("from recontrast import train, tracking", {"train", "tracking"}, []),
+    ("import recontrast.train", {"train"}, []),
+    ("import importlib\nTRAIN = importlib.import_module('recontrast.train')", {"train"}, []),
+    ("from importlib import import_module\nTRAIN = import_module('.train', 'recontrast')", {"train"}, []),
+    ("TRAIN = __import__('recontrast.train')", {"train"}, []),
+    ("def f():\n    from . import train", set(), [(2, "recontrast.train")]),
+    ("def f():\n    return __import__('recontrast.train')", set(), [(2, "recontrast.train")]),
+    ("import importlib\ndef f(name):\n    return importlib.import_module(name)", set(), []),  # not a literal
+])
+def test_every_form_of_package_import_is_seen(tmp_path, source, top, nested):
+    path = tmp_path / "module.py"
+    path.write_text(source + "\n")
+    found_top, found_nested = _imports(path)
+    assert (found_top, [n for n in found_nested if n[1].startswith("recontrast")]) == (top, nested)
+
+
+def _module_column(markdown: str, header: str, column: int) -> list[tuple[str, str]]:
+    """Returns [(layer, module)] of the table whose header row starts with `header`, in order;
+    the layer is the row's first cell (carried down where it is blank), the modules the
+    backticked names in cell `column`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.replace(" ", "").startswith(header))
+    rows, layer = [], ""
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        layer = cells[column - 1] or layer
+        rows += [(layer, m) for m in re.findall(r"`([\w.]+)`", cells[column])]
+    return rows
+
+
+def test_docs_architecture_draws_the_layers_in_the_enforced_order():
+    rows = _module_column((ROOT / "docs" / "architecture.md").read_text(), "|#|layer|modules", 2)
+    assert rows == LAYER_ROWS, "redraw docs/architecture.md's Layers table from LAYERS"
+
+
+def test_the_readme_layer_table_lists_the_modules_in_the_enforced_order():
+    """Wherever the table lives (README.md or a page of docs/), it matches LAYERS."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    tables = [_module_column(text, "|layer|module|", 1) for text in (p.read_text() for p in pages)
+              if "|layer|module|" in text.replace(" ", "")]
+    assert tables, "no '| layer | module | ... |' table in README.md or docs/"
+    for rows in tables:
+        assert rows == LAYER_ROWS, "redraw the README's layer table from LAYERS in tests/test_architecture.py"
 
 
 def test_every_module_has_a_place_in_the_layers():

@@ -119,7 +119,7 @@ def test_the_kernel_runs_this_interpreter():
     assert km.format_kernel_cmd()[0] == sys.executable
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failing_pair_is_reported_with_the_error_from_its_notebook(store, synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # A dozen training images: the notebook stops before any work (no MLflow run); a failure
@@ -148,9 +148,34 @@ def report_device(job):
     return PairResult(job.variant, job.category, "done", None, device, 1.0, job.folder)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_get_their_own_gpu(store, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     path = study_file(tmp_path, tmp_path / "data", ["disc", "weave"], {"full": {}})
     report = batch.run_study(path, jobs=2, runs_dir=tmp_path / "runs", executor=report_device)
     assert report.ok and [r.category for r in report.results] == ["disc", "weave"]
     assert sorted(r.error for r in report.results) == ["3", "5"]
+
+
+def test_the_switch_columns_are_the_keys_the_variants_set(store, tmp_path):
+    """A new ablation switch needs no list to extend: the study's variants name it."""
+    from recontrast import study_results, tracking
+    from recontrast.config import load_config
+
+    variants = {"full": {}, "no_da": {"model.domain_adaptation": False}, "soft": {"loss.factor": 0.1}}
+    path = study_file(tmp_path, tmp_path / "data", ["weave"], variants)
+
+    def logged(job):  # what notebook 02 logs: the pair's run, nested under the parent
+        cfg = load_config(job.config, [*job.overrides, f"data.category={job.category}",
+                                       f"tracking.study={job.study}", f"tracking.ablation={job.variant}"])
+        with tracking.start_run(cfg, parent_run_id=job.parent_run_id) as run:
+            run.log_metrics({"image_auroc": 0.5})
+        return PairResult(job.variant, job.category, study.PairStatus.DONE, run.run_id, "", 0.1, job.folder)
+
+    batch.run_study(path, runs_dir=tmp_path / "runs", executor=logged)
+    assert study.switches(study.load_study(path)) == ["model.domain_adaptation", "loss.factor"]
+    frame = study_results.study_results("mini", "batch_test")
+    assert list(frame["variant"]) == ["full", "no_da", "soft"]  # the study file's order
+    assert "loss.stop_grad" not in frame  # a key no variant sets is no column
+    assert study_results.varying_switches(frame) == ["model.domain_adaptation", "loss.factor"]
+    assert dict(zip(frame["variant"], frame["loss.factor"])) == {"full": "0.0", "no_da": "0.0", "soft": "0.1"}

@@ -136,3 +136,50 @@ def test_an_empty_file_or_section_means_the_defaults(tmp_path):
     assert load_config(tmp_path / "empty.yaml").flatten() == Config().flatten()
     bare = load_config(tmp_path / "bare.yaml")
     assert bare.train.iters == Config().train.iters and bare.eval.sigma == 2.0
+
+
+def _switch_table() -> dict[str, tuple[str, str, str]]:
+    """Returns {config key: (its row's default cell, paper cell, the cell's share for this key)}
+    from docs/method.md's 'Every switch' table; a row names one or more keys (`a.b` / `a.c`)."""
+    import re
+
+    lines = (ROOT / "docs" / "method.md").read_text().split("## Every switch", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.replace(" ", "").startswith("|configkey|"))
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        keys = re.findall(r"`(\w+\.\w+)`", cells[0])
+        shares = next((parts for sep in (" / ", ", ") if len(parts := cells[1].split(sep)) == len(keys)),
+                      [""] * len(keys))  # the default cell split per key, where it splits evenly
+        table.update({k: (cells[1], cells[2], share) for k, share in zip(keys, shares)})
+    return table
+
+
+def _shows(text: str, value) -> bool:
+    """Returns whether a docs cell writes `value` (true/false, a number, a string)."""
+    import re
+
+    if isinstance(value, bool):
+        return ("true" if value else "false") in text.lower()
+    if isinstance(value, (int, float)):
+        return any(float(n) == value for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", text))
+    if isinstance(value, str):
+        return (value or '""') in text
+    return True  # lists: read by a person
+
+
+def test_docs_method_md_lists_every_config_key_with_its_default_and_paper_value():
+    """A new config key is documented where the method is: its row says our default and the paper's."""
+    table, defaults = _switch_table(), Config().flatten()
+    missing = [k for k in defaults if k not in table]
+    assert not missing, (f"docs/method.md ('Every switch' table) has no row for {missing}: "
+                         f"add one with the default and the paper's value")
+    stale = [k for k in table if k not in defaults]
+    assert not stale, f"docs/method.md lists {stale}, which are not config keys: rename or remove their rows"
+    empty = [k for k, (default, paper, _) in table.items() if not default or not paper]
+    assert not empty, f"docs/method.md: the rows of {empty} need a default and a paper value"
+    wrong = [f"{k}={defaults[k]!r} (docs: {share!r})" for k, (_, _, share) in table.items()
+             if share and not _shows(share, defaults[k])]
+    assert not wrong, f"docs/method.md shows defaults that are not the code's: {wrong}"

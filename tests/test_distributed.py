@@ -97,6 +97,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return float((a - b).norm()) <= rtol * float(b.norm()) + 1e-12
 
 
+@pytest.mark.slow
 def test_bn_statistics_and_hard_mining_threshold_are_those_of_the_global_batch(tmp_path):
     block_ref, pred_ref, loss_ref, y_ref = _grads(*_inputs())
     torch.multiprocessing.spawn(_rank, args=(_free_port(), str(tmp_path / "rank")), nprocs=2)
@@ -137,6 +138,7 @@ def _torchrun(args: list[str], env: dict[str, str], log: Path) -> None:
     assert done.returncode == 0, log.read_text()[-4000:]
 
 
+@pytest.mark.e2e
 def test_torchrun_on_two_cpu_processes_trains_what_one_process_trains(synthetic_root, store, tmp_path):
     config = write_config(tmp_path, synthetic_root, CATEGORY, data={"val_fraction": 0.0},
                           train={"iters": 8, "batch_size": 4, "checkpoint_every": 4, "log_every": 1},

@@ -14,35 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_thread, run_cli
+from conftest import run_cli
 from recontrast import export, infer, runtimes
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.model import load_model
-from recontrast.config import Config, apply_overrides
 from recontrast.calibration import threshold_scale
-from recontrast.pipeline import run_evaluation
-
-CATEGORY = "disc"
 
 
 @pytest.fixture(scope="module")
-def calibrated(synthetic_root, tmp_path_factory):
-    """Returns (checkpoint with calibration, EvalResult, test dataset) of a tiny resnet18 model."""
-    from recontrast.data import build_datasets
-    from recontrast.train import train
-
-    run = tmp_path_factory.mktemp("infer_run")
-    cfg = apply_overrides(Config(), {
-        "data.root": str(synthetic_root), "data.category": CATEGORY, "data.image_size": 64,
-        "data.val_fraction": 0.25, "model.backbone": "resnet18", "model.pretrained": "none",
-        "train.iters": 2, "train.batch_size": 4, "train.log_every": 0, "train.threads": 0,
-        "train.out": str(run), "tracking.enabled": False, "eval.figures": False, "eval.gif": False,
-    })
-    datasets = build_datasets(cfg.data)
-    with one_thread():
-        ckpt = train(cfg, datasets=datasets).checkpoint
-        result = run_evaluation(ckpt, out=run / "eval", track=False)
-    return ckpt, result, datasets.test
+def calibrated(tiny_model):
+    """Returns (checkpoint with calibration, EvalResult, test dataset) of the session's tiny model."""
+    return tiny_model.checkpoint, tiny_model.evaluation, tiny_model.datasets.test
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +181,7 @@ def _runtimes() -> list[tuple[str, bool]]:
     return found + [("openvino", False), ("openvino", True)]
 
 
+@pytest.mark.slow
 def test_every_runtime_predicts_what_pytorch_predicts(calibrated, detector, tmp_path):
     ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")
     paths = [str(s.path) for s in calibrated[2].samples]
@@ -207,8 +190,8 @@ def test_every_runtime_predicts_what_pytorch_predicts(calibrated, detector, tmp_
         det = infer.Detector.load(ckpt, runtime=runtime, int8=int8, threads=1)
         name = f"{runtime}{' int8' if int8 else ''}"
         assert det.runtime == name and det.model is None
-        assert (det.threshold_name, det.threshold, det.offset, det.image_size) == \
-            (detector.threshold_name, detector.threshold, detector.offset, detector.image_size)
+        assert ((det.threshold_name, det.threshold, det.offset, det.image_size)
+                == (detector.threshold_name, detector.threshold, detector.offset, detector.image_size))
         got = det.predict_batch(paths)
         raw = np.array([p.raw_score for p in got])
         ref = np.array([p.raw_score for p in want])
@@ -225,6 +208,7 @@ def test_every_runtime_predicts_what_pytorch_predicts(calibrated, detector, tmp_
     assert {"last.onnx", "last.int8.onnx"} <= {p.name for p in ckpt.parent.iterdir()}
 
 
+@pytest.mark.slow
 def test_an_exported_model_is_reused_until_the_checkpoint_changes(calibrated, tmp_path):
     pytest.importorskip("onnxruntime")
     ckpt = _copy_checkpoint(calibrated[0], tmp_path / "run")

@@ -21,6 +21,8 @@ from recontrast import batch, pipeline, study_results
 from recontrast.batch import PairResult
 from recontrast.config import load_config
 
+pytestmark = pytest.mark.e2e  # a real server: make test runs it, make test-fast does not
+
 STUDY = "ui_mini"
 EXPERIMENT = "ui_test"
 

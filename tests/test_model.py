@@ -46,6 +46,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_wrn50_sizes_match_the_reference_and_six_pairs_at_256px():
     model = _model("wide_resnet50_2")
     assert _count(model.encoder) == 24_862_528

@@ -2,6 +2,8 @@
 02 -> 03 -> 04 through the quick demo (`recontrast demo --quick`), checked in MLflow."""
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from conftest import empty_store
 from recontrast import mlflow_store
-from recontrast.batch import kernel_name
+from recontrast.batch import AblationsParams, EvaluateParams, TrainParams, kernel_name
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -21,7 +23,22 @@ def outputs(path: Path) -> list[dict]:
     return [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
 
 
-@pytest.mark.slow
+def parameters_cell(path: Path) -> dict:
+    """Returns {name: default} of the notebook's `parameters` cell, in its order."""
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("notebook, params", [("02_train.ipynb", TrainParams), ("03_evaluate.ipynb", EvaluateParams),
+                                              ("04_ablations.ipynb", AblationsParams)])
+def test_the_parameters_cell_matches_the_packages_parameter_set(notebook, params):
+    """A batch (and the demo) passes dataclasses.asdict(params) to papermill: a name or default
+    that drifted apart would be injected as a new variable the notebook never reads."""
+    assert parameters_cell(NOTEBOOKS / notebook) == dataclasses.asdict(params())
+    assert list(parameters_cell(NOTEBOOKS / notebook)) == [f.name for f in dataclasses.fields(params)]
+
+
+@pytest.mark.e2e
 def test_data_exploration_runs_on_the_synthetic_data(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "01.ipynb"
@@ -33,7 +50,7 @@ def test_data_exploration_runs_on_the_synthetic_data(synthetic_root, tmp_path, m
     assert not [o for o in outputs(out) if o["output_type"] == "error"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path_factory, tmp_path, monkeypatch,
                                                                        capsys):
     from recontrast.demo import run_demo

@@ -85,6 +85,7 @@ def test_a_failed_training_is_flagged_in_console_results_reports_and_mlflow(weav
     assert tags["health"] == NOT_CONVERGED and "loss did not fall" in tags["health_reason"]
 
 
+@pytest.mark.slow
 def test_select_proxy_keeps_the_weights_of_the_best_evaluation(weave, tmp_path):
     seen = {}
 

@@ -88,6 +88,7 @@ def summary(client) -> dict:
 
 
 @needs_ray
+@pytest.mark.e2e
 def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, tmp_path, tmp_path_factory,
                                                                 monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -100,16 +101,16 @@ def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, t
                                  ray=RayOptions() if executor == "ray" else None)
         seconds[executor] = time.perf_counter() - t0
         assert report.ok, report.summary()
-        assert sorted((r.variant, r.category, r.status) for r in report.results) == \
-            sorted((v, c, "done") for v in ("full", "no_da") for c in CATEGORIES)
+        assert (sorted((r.variant, r.category, r.status) for r in report.results)
+                == sorted((v, c, "done") for v in ("full", "no_da") for c in CATEGORIES))
         if executor == "local":
             local = summary(client)
         else:
             on_ray = summary(client)
     print(f"tiny study, 4 pairs, 2 at a time: local {seconds['local']:.1f} s, ray {seconds['ray']:.1f} s")
     assert on_ray["parent"] == local["parent"] == ("FINISHED", "4", "0", ["full", "no_da"], sorted(CATEGORIES))
-    assert sorted(on_ray["children"]) == sorted(local["children"]) == \
-        sorted(f"{v}-{c}" for v in ("full", "no_da") for c in CATEGORIES)
+    assert (sorted(on_ray["children"]) == sorted(local["children"])
+            == sorted(f"{v}-{c}" for v in ("full", "no_da") for c in CATEGORIES))
     for name, expected in local["children"].items():
         assert expected["status"] == "FINISHED" and expected["metrics"], name
         assert on_ray["children"][name] == expected, name
@@ -160,6 +161,7 @@ def ray_instance():
 
 
 @needs_ray
+@pytest.mark.e2e
 def test_a_killed_worker_is_reported_failed_or_retried_and_no_run_stays_running(
         synthetic_root, tmp_path, tmp_path_factory, monkeypatch, ray_instance):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -203,6 +205,7 @@ def test_a_worker_that_cannot_see_the_data_names_the_path(synthetic_root, tmp_pa
         _check_paths(job)
 
 
+@pytest.mark.slow
 def test_ray_is_optional(synthetic_root, tmp_path, monkeypatch):
     code = "import sys; sys.modules['ray'] = None; import recontrast.batch, recontrast.cli, recontrast.ray_executor"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

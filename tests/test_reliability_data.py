@@ -282,6 +282,7 @@ def test_a_bad_config_exits_with_the_fix_before_any_work(fault, root, store, tmp
     assert runs == [], f"an MLflow run was created for a config that cannot work: {runs}"
 
 
+@pytest.mark.slow
 def test_the_cli_exit_is_one_line_without_a_traceback(root, tmp_path):
     config = write_config(tmp_path, root, CATEGORY)
     proc = subprocess.run(

@@ -60,6 +60,7 @@ CHILD_TRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_resume_is_exact_and_the_run_is_not_left_running(synthetic_root, store, tmp_path):
     config = write_config(tmp_path, synthetic_root, iters=8, checkpoint_every=2)
     out, log = tmp_path / "killed", (tmp_path / "child.log").open("w")
@@ -195,6 +196,7 @@ def _check_runs(uri: str, results, steps: int, jobs: int = 4) -> None:
         assert run.data.metrics["train/iterations"] == steps
 
 
+@pytest.mark.slow
 def test_four_parallel_jobs_on_one_fresh_sqlite_store(tmp_path):
     """Four jobs start together on a store that does not exist yet (four `recontrast train`
     from a shell loop; `recontrast batch --jobs 4` creates the store first, a subset of this)
@@ -318,6 +320,7 @@ def _artifact_checkpoint(uri: str, run_id: str, folder: Path) -> dict:
     return load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_a_second_train_on_a_busy_run_folder_refuses_naming_the_holder(synthetic_root, store, tmp_path):
     """Two `recontrast train --out X` at once used to both finish, the first run's logged
     checkpoint holding the second's weights. Now the second refuses before any work, and

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -12,10 +11,8 @@ import torch
 
 from conftest import one_thread
 from recontrast import runtimes
-from recontrast.config import Config, apply_overrides
 from recontrast.runtimes import RUNTIMES, RuntimeMissing, Session
 
-CATEGORY = "disc"
 FP32_ATOL = 1e-4  # absolute, on maps and scores (measured: 2e-6)
 # int8 (weights per channel, activations per tensor: 256 levels, ~0.4 % of a tensor's range
 # per layer, partly cancelling over ~20 layers): measured 0.3 % of the score on this model,
@@ -25,29 +22,18 @@ INT8_MAP_RTOL = 0.02  # |map error| <= 2 % of the largest map value
 
 
 @pytest.fixture(scope="module")
-def exported(synthetic_root, tmp_path_factory):
+def exported(tiny_model, tmp_path_factory):
     """Returns (fp32 .onnx path, test images (B, 3, 64, 64), PyTorch maps, PyTorch scores,
-    calibration batches of training images) for a tiny resnet18 trained 2 iterations."""
+    calibration batches of training images) of the session's tiny model (conftest)."""
     pytest.importorskip("onnxruntime")
-    from recontrast.data import build_datasets
     from recontrast.export import export
     from recontrast.infer import Detector
-    from recontrast.train import train
 
-    run = tmp_path_factory.mktemp("runtimes")
-    cfg = apply_overrides(Config(), {
-        "data.root": str(synthetic_root), "data.category": CATEGORY, "data.image_size": 64,
-        "data.val_fraction": 0.0, "model.backbone": "resnet18", "model.pretrained": "none",
-        "train.iters": 2, "train.batch_size": 4, "train.log_every": 0, "train.threads": 0,
-        "train.out": str(run), "tracking.enabled": False, "eval.figures": False, "eval.gif": False,
-    })
-    datasets = build_datasets(cfg.data)
-    with one_thread(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # uncalibrated checkpoint: raw maps are what we compare
-        ckpt = train(cfg, datasets=datasets).checkpoint
-        path = export(ckpt, out=run / "model.onnx")
+    datasets = tiny_model.datasets
+    with one_thread():
+        path = export(tiny_model.checkpoint, out=tmp_path_factory.mktemp("runtimes") / "model.onnx")
         x = torch.stack([datasets.test[i]["image"] for i in range(len(datasets.test))])
-        maps, scores = Detector.load(ckpt).raw(x)  # the torch runtime
+        maps, scores = Detector.load(tiny_model.checkpoint).raw(x)  # the torch runtime: raw maps and scores
     train_x = torch.stack([datasets.train[i]["image"] for i in range(len(datasets.train))]).numpy()
     batches = [train_x[i:i + 4] for i in range(0, len(train_x), 4)]
     return path, x.numpy(), maps.numpy(), scores.numpy(), batches
@@ -75,6 +61,7 @@ def test_onnx_and_openvino_fp32_match_pytorch(exported, tmp_path):
         sessions["onnx"].run(x[:, :, :32, :32])
 
 
+@pytest.mark.slow
 def test_int8_stays_within_tolerance_and_keeps_the_map_head_float(exported, tmp_path):
     import onnx
 

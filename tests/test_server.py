@@ -28,6 +28,8 @@ import pytest
 
 from conftest import killed_run, run_cli, write_config
 
+pytestmark = pytest.mark.e2e  # a real server: make test runs it, make test-fast does not
+
 REPO = Path(__file__).resolve().parents[1]
 JOBS, STEPS, ARTIFACT_BYTES = 8, 100, 200_000
 
@@ -200,8 +202,8 @@ def _check_jobs(client, folder: Path, run_ids: list[str], steps: int) -> None:
         local = Path(client.download_artifacts(run.info.run_id, "", str(folder / f"download{i}")))
         for name in ("note.txt", "blobs/blob.bin", "folder/a.txt", "folder/b.txt"):
             source = folder / f"job{i}" / name.removeprefix("blobs/")
-            assert hashlib.sha256((local / name).read_bytes()).digest() == \
-                hashlib.sha256(source.read_bytes()).digest(), (run.info.run_name, name)
+            assert (hashlib.sha256((local / name).read_bytes()).digest()
+                    == hashlib.sha256(source.read_bytes()).digest()), (run.info.run_name, name)
 
 
 def test_eight_jobs_at_once_lose_no_step_and_no_artifact(client, server, tmp_path):

@@ -83,6 +83,7 @@ def test_runs_end_finished_failed_with_the_error_or_killed(client):
     assert params["data.category"] == "bottle" and params["train.iters"] == "2000"
 
 
+@pytest.mark.slow
 def test_fix_stale_runs_fails_the_run_of_a_killed_process(client):
     orphan = killed_run("stale")
     exp = mlflow_store.experiment_id(client, "stale")
