@@ -251,9 +251,10 @@ def proxy_metrics(model: nn.Module, proxy_dataset, eval_cfg: EvalConfig, device=
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*need both.*")
         out = _proxy_entry("proxy", image_metrics(scores, labels), pixel)
-        for kind, auroc in per_defect_auroc(scores, labels, kinds).items():
-            if kind in by_kind:
-                out |= _proxy_entry(f"proxy/{kind}", {"image_auroc": auroc}, by_kind[kind])
+        aurocs = per_defect_auroc(scores, labels, kinds)
+        for kind, pixel_of_kind in by_kind.items():  # in KINDS order, the kinds the set holds
+            if kind in aurocs:
+                out |= _proxy_entry(f"proxy/{kind}", {"image_auroc": aurocs[kind]}, pixel_of_kind)
     return out
 
 
