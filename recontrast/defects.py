@@ -44,6 +44,7 @@ TOL = 2 / 255  # a mask pixel differs from the input by more than this, summed o
 AREA = (0.004, 0.03)
 MIN_FRACTION = 0.003  # below this the defect is retried with the next sub-seed
 ATTEMPTS = 8
+PLACES = 4  # candidate places of a structural defect; the one with the most image structure wins
 
 
 def synthesize(image: torch.Tensor, seed: int, kind: str | None = None, donor: torch.Tensor | None = None
@@ -131,16 +132,31 @@ def _scar_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- structural kinds
 
 
-def _region(rng, h: int, w: int) -> torch.Tensor:
-    """Returns a blob or an ellipse of a random AREA fraction (bool (1, H, W))."""
-    area = _area(rng)
-    return _blob(rng, h, w, area) if rng.random() < 0.5 else _ellipse(rng, h, w, area)
+def _region(rng, image) -> torch.Tensor:
+    """Returns a blob or an ellipse of a random AREA fraction (bool (1, H, W)): the busiest of
+    PLACES candidates (see _busyness)."""
+    _, h, w = image.shape
+    area, blob = _area(rng), rng.random() < 0.5
+    candidates = [_blob(rng, h, w, area) if blob else _ellipse(rng, h, w, area) for _ in range(PLACES)]
+    busy = _busyness(image)
+    return max(candidates, key=lambda r: float(busy[r[0]].mean()) if r.any() else -1.0)
+
+
+def _busyness(image) -> torch.Tensor:
+    """Returns (H, W) local structure: the gradient magnitude of the slightly blurred image.
+
+    Rearranging flat background (an object's backdrop) changes only sensor noise: a defect no
+    model can see, yet its mask counts. Structural defects go where the image has structure.
+    """
+    smooth = gaussian_blur2d(image[None], (5, 5), (1.5, 1.5), border_type="reflect")[0]
+    dy = F.pad((smooth[:, 1:] - smooth[:, :-1]).abs(), (0, 0, 0, 1))
+    dx = F.pad((smooth[:, :, 1:] - smooth[:, :, :-1]).abs(), (0, 1))
+    return (dy + dx).sum(0)
 
 
 def _erase_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (candidate, region): a region erased and filled with the surrounding texture."""
-    _, h, w = image.shape
-    region = _region(rng, h, w)
+    region = _region(rng, image)
     return _fill(rng, image, region), region
 
 
@@ -151,8 +167,7 @@ def _move_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
     A third of the moves turn the part in place (a rotated part), the rest shift it by more
     than its size (a misplaced part), half of those rotated as well.
     """
-    _, h, w = image.shape
-    hole = _region(rng, h, w)
+    hole = _region(rng, image)
     src = _centroid(hole)
     if rng.random() < 1 / 3:
         dst, angle = src, rng.choice([-1, 1]) * rng.uniform(math.pi / 6, math.pi)
@@ -167,7 +182,7 @@ def _paste_defect(image, rng, donor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (candidate, region): a patch cut from `donor` (another image of the same kind),
     pasted at a random place of `image`, rotated half of the time (an extra or foreign part)."""
     _, h, w = image.shape
-    cut = _region(rng, h, w)
+    cut = _region(rng, donor)  # a part of the donor with something on it
     src = _centroid(cut)
     dst = (rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w)
     angle = rng.uniform(-math.pi, math.pi) if rng.random() < 0.5 else 0.0
@@ -183,7 +198,9 @@ def _shuffle_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(4, round(_area(rng) * h * w / tile**2))  # tiles in the region
     ny = int(np.clip(round(math.sqrt(n * rng.uniform(0.5, 2))), 2, h // tile))
     nx = int(np.clip(round(n / ny), 2, w // tile))
-    y0, x0 = int(rng.integers(0, h - ny * tile + 1)), int(rng.integers(0, w - nx * tile + 1))
+    busy = _busyness(image)
+    corners = [(int(rng.integers(0, h - ny * tile + 1)), int(rng.integers(0, w - nx * tile + 1))) for _ in range(PLACES)]
+    y0, x0 = max(corners, key=lambda c: float(busy[c[0]:c[0] + ny * tile, c[1]:c[1] + nx * tile].mean()))
     window = image[:, y0:y0 + ny * tile, x0:x0 + nx * tile]
     tiles = rearrange(window, "c (ny t1) (nx t2) -> (ny nx) c t1 t2", t1=tile, t2=tile)
     order = torch.from_numpy(rng.permutation(len(tiles)))
