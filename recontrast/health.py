@@ -24,9 +24,14 @@ MIN_LOSS_DROP = 0.15  # the post-warm-up loss must fall by this fraction of its 
 # (defects.SURFACE_KINDS, defects.STRUCTURAL_KINDS; proxy/<kind>/pixel_auroc): a learning run
 # is above them, a failed one below. Pixel AUROC, not image AUROC: with ~3 defect images per
 # kind on a 10 % held-out split, a per-kind image AUROC moves by 0.1-0.3 with one image, while
-# the pixel AUROC ranks thousands of pixels. FLOOR_CALIBRATION below holds the runs that set them.
-PROXY_FLOORS = {"surface": 0.85, "structural": 0.65}
-FLOOR_CALIBRATION = ""
+# the pixel AUROC ranks thousands of pixels.
+# How they were chosen (synthetic mesh, board, weave, bar; 35 % held out; one thread):
+# - learning runs (EfficientNet-Lite0 offline, 40 iterations at 96 px, and the cpu_default
+#   settings at 128 px for 80 iterations): surface 0.93-1.00, structural 0.83-0.99;
+# - failed runs (untrained decoder; resnet18 from scratch, 60 iterations, which leaves the
+#   real pixel AUROC at 0.26-0.63): surface 0.21-0.79, structural 0.24-0.58.
+# Each floor sits between the two groups: it flags failures, not runs that could be better. The per-run numbers are in docs/recipe.md ("Proxy defect kinds").
+PROXY_FLOORS = {"surface": 0.85, "structural": 0.70}
 MIN_JUDGED_ITERS = 20  # fewer iterations after the warm-up: the loss trend is not judged
 
 
@@ -76,8 +81,8 @@ def proxy_below_floor(metrics: dict[str, float]) -> list[str]:
         if mean < floor:
             weakest = min(values, key=values.get)
             reasons.append(f"proxy pixel AUROC on {family} synthetic defects = {mean:.3f} (< {floor}, which "
-                           f"every learning run reached; chance is 0.5; weakest kind {weakest}: "
-                           f"{values[weakest]:.3f}): the maps do not single out defects a trained model finds")
+                           f"learning runs clear; chance is 0.5; weakest kind {weakest}: {values[weakest]:.3f}): "
+                           f"the maps do not single out defects that a model which learned the normal images finds")
     return reasons
 
 
