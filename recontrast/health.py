@@ -27,9 +27,10 @@ MIN_LOSS_DROP = 0.15  # the post-warm-up loss must fall by this fraction of its 
 # the pixel AUROC ranks thousands of pixels.
 # How they were chosen (synthetic mesh, board, weave, bar; 35 % held out; one thread):
 # - learning runs (EfficientNet-Lite0 offline, 40 iterations at 96 px, and the cpu_default
-#   settings at 128 px for 80 iterations): surface 0.93-1.00, structural 0.83-0.99;
-# - failed runs (untrained decoder; resnet18 from scratch, 60 iterations, which leaves the
-#   real pixel AUROC at 0.26-0.63): surface 0.21-0.79, structural 0.24-0.58.
+#   settings at 128 px for 80 iterations; real pixel AUROC 0.78-0.99): surface 0.93-1.00,
+#   structural 0.83-1.00;
+# - failed runs (an untrained decoder; resnet18 from scratch, 60 iterations; real pixel
+#   AUROC 0.17-0.63): surface 0.13-0.80, structural 0.17-0.58.
 # Each floor sits between the two groups: it flags failures, not runs that could be better. The per-run numbers are in docs/recipe.md ("Proxy defect kinds").
 PROXY_FLOORS = {"surface": 0.85, "structural": 0.70}
 MIN_JUDGED_ITERS = 20  # fewer iterations after the warm-up: the loss trend is not judged

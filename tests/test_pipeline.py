@@ -67,7 +67,8 @@ def test_a_trained_model_scores_higher_proxy_metrics_than_an_untrained_one(healt
     proxy = pipeline.proxy_dataset(cfg, build_datasets(cfg.data))
     before = proxy_metrics(untrained, proxy, cfg.eval)
     after = proxy_metrics(result.model, proxy, cfg.eval)
-    assert after["proxy/image_auroc"] > before["proxy/image_auroc"] + 0.2
+    # Pixel metrics: 6 held-out images give one defect image per kind, too few for image AUROC.
+    assert after["proxy/pixel_auroc"] > before["proxy/pixel_auroc"] + 0.2
     assert after["proxy/aupro"] > before["proxy/aupro"] + 0.3
 
 
