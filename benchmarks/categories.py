@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "mvtec_ad_256"
 DEFAULT_CONFIG = "experiments/cpu_default.yaml"
-SYNTHETIC = ("weave", "grain", "disc", "bar")
+SYNTHETIC = ("weave", "grain", "disc", "bar", "mesh", "board")
 COMPARED = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 PROXY_PAIRS = {"image_auroc": "proxy/image_auroc", "pixel_auroc": "proxy/pixel_auroc", "aupro": "proxy/aupro"}
 FIT_LIMIT_S = 15 * 60

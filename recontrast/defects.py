@@ -4,9 +4,18 @@ Proxy metrics (image AUROC, pixel AUROC, AUPRO on `ProxyDataset`) let a model ju
 without test labels: they compare settings (backbone, iterations, level weights) and catch a
 failed training run (a collapsed model scores synthetic defects no higher than good images).
 
-Limits: synthetic defects are not the user's defects. Foreign textures, pasted patches and
-scars are easier or harder than real scratches or missing parts, so proxy numbers rank models;
-they do not predict the real test AUROC. A model can also learn to spot these artefacts if it
+Two families of kinds (KINDS):
+- surface kinds (`texture`, `patch`, `scar`): foreign colour or texture blended into a blob,
+  a recoloured copy, a thin band. Almost any model that learned something scores them ~1.0.
+- structural kinds (`erase`, `move`, `paste`, `shuffle`): the image's own content, rearranged
+  (a region erased and filled with the surrounding texture; a region cut out and moved or
+  rotated elsewhere, its hole filled; a patch of ANOTHER held-out image pasted in; small tiles
+  of a region shuffled). Colour statistics stay those of the image, so only a model that knows
+  what goes where (missing, misplaced or extra parts, broken periodic structure) finds them.
+
+Limits: synthetic defects are not the user's defects. They are easier or harder than real
+scratches or missing parts, so proxy numbers rank models; they do not predict the real test
+AUROC. A model can also learn to spot these artefacts if it
 ever trains on them: keep the proxy images out of training (they come from held-out images).
 
 `synthesize` works on any (3, H, W) image in [0, 1], is deterministic per seed (local RNGs
@@ -20,11 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from kornia.filters import gaussian_blur2d
 from torch.utils.data import Dataset
 
 from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 
-KINDS: tuple[str, ...] = ("texture", "patch", "scar")
+SURFACE_KINDS: tuple[str, ...] = ("texture", "patch", "scar")
+STRUCTURAL_KINDS: tuple[str, ...] = ("erase", "move", "paste", "shuffle")
+KINDS: tuple[str, ...] = SURFACE_KINDS + STRUCTURAL_KINDS
 TOL = 2 / 255  # a mask pixel differs from the input by more than this, summed over channels
 # Target fraction of pixels for blob and ellipse regions. Small and subtle on purpose: easy
 # defects (large, opaque) score ~1.0 for every model that learned anything, which cannot
@@ -32,15 +44,18 @@ TOL = 2 / 255  # a mask pixel differs from the input by more than this, summed o
 AREA = (0.004, 0.03)
 MIN_FRACTION = 0.003  # below this the defect is retried with the next sub-seed
 ATTEMPTS = 8
+PLACES = 4  # candidate places of a structural defect; the one with the most image structure wins
 
 
-def synthesize(image: torch.Tensor, seed: int, kind: str | None = None
+def synthesize(image: torch.Tensor, seed: int, kind: str | None = None, donor: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Returns (defective image (3, H, W) in [0, 1], mask (1, H, W) float 0/1, kind).
 
     `image` is (3, H, W) float in [0, 1] (not normalised); `seed` >= 0. Pixels outside the
     mask are bit-identical to `image`; every mask pixel differs by more than TOL (summed
-    over channels). `kind` is one of KINDS, or None to draw one from the seed.
+    over channels). `kind` is one of KINDS, or None to draw one from the seed. `donor`
+    (3, H', W') in [0, 1] is the other image a `paste` defect cuts its patch from (resized to
+    H x W when it differs); without one, `paste` uses `image` turned by 180 degrees.
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
@@ -50,8 +65,13 @@ def synthesize(image: torch.Tensor, seed: int, kind: str | None = None
         kind = KINDS[int(np.random.default_rng((seed, 0)).integers(len(KINDS)))]
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
-    make = {"texture": _texture_defect, "patch": _patch_defect, "scar": _scar_defect}[kind]
     device, image = image.device, image.detach().cpu()  # regions and fills are built on the CPU
+    if kind == "paste":
+        donor = image.flip(1, 2) if donor is None else _fit(donor.detach().cpu().to(image.dtype), image)
+        make = lambda im, rng: _paste_defect(im, rng, donor)  # noqa: E731
+    else:
+        make = {"texture": _texture_defect, "patch": _patch_defect, "scar": _scar_defect,
+                "erase": _erase_defect, "move": _move_defect, "shuffle": _shuffle_defect}[kind]
     best = None
     for attempt in range(ATTEMPTS):
         # A sub-seed per attempt: a texture that happens to match the image is redrawn,
@@ -79,7 +99,7 @@ def _keep_changed(image, candidate, region) -> tuple[torch.Tensor, torch.Tensor]
     return torch.where(mask, candidate, image), mask
 
 
-# ---------------------------------------------------------------- the three kinds
+# ---------------------------------------------------------------- surface kinds
 
 
 def _texture_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +127,164 @@ def _scar_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
         return _recolour(rng, _shifted(rng, image), region), region
     colour = _far_colour(rng, image, region).to(image)
     return colour.expand_as(image), region
+
+
+# ---------------------------------------------------------------- structural kinds
+
+
+def _region(rng, image) -> torch.Tensor:
+    """Returns a blob or an ellipse of a random AREA fraction (bool (1, H, W)): the busiest of
+    PLACES candidates (see _busyness)."""
+    _, h, w = image.shape
+    area, blob = _area(rng), rng.random() < 0.5
+    candidates = [_blob(rng, h, w, area) if blob else _ellipse(rng, h, w, area) for _ in range(PLACES)]
+    busy = _busyness(image)
+    return max(candidates, key=lambda r: float(busy[r[0]].mean()) if r.any() else -1.0)
+
+
+def _busyness(image) -> torch.Tensor:
+    """Returns (H, W) local structure: the gradient magnitude of the slightly blurred image.
+
+    Rearranging flat background (an object's backdrop) changes only sensor noise: a defect no
+    model can see, yet its mask counts. Structural defects go where the image has structure.
+    """
+    smooth = gaussian_blur2d(image[None], (5, 5), (1.5, 1.5), border_type="reflect")[0]
+    dy = F.pad((smooth[:, 1:] - smooth[:, :-1]).abs(), (0, 0, 0, 1))
+    dx = F.pad((smooth[:, :, 1:] - smooth[:, :, :-1]).abs(), (0, 1))
+    return (dy + dx).sum(0)
+
+
+def _erase_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region): a region erased and filled with the surrounding texture."""
+    region = _region(rng, image)
+    return _fill(rng, image, region), region
+
+
+def _move_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region = hole + destination): a region cut out, its hole filled with the
+    surrounding texture, and the cut-out put back elsewhere (or in place) rotated or not.
+
+    A third of the moves turn the part in place (a rotated part), the rest shift it by more
+    than its size (a misplaced part), half of those rotated as well.
+    """
+    hole = _region(rng, image)
+    src = _centroid(hole)
+    if rng.random() < 1 / 3:
+        dst, angle = src, rng.choice([-1, 1]) * rng.uniform(math.pi / 6, math.pi)
+    else:
+        dst, angle = _elsewhere(rng, hole, src), (rng.uniform(-math.pi, math.pi) if rng.random() < 0.5 else 0.0)
+    content, moved = _warp(image, hole, src, dst, angle)
+    out = torch.where(moved, content, _fill(rng, image, hole))
+    return out, hole | moved
+
+
+def _paste_defect(image, rng, donor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region): a patch cut from `donor` (another image of the same kind),
+    pasted at a random place of `image`, rotated half of the time (an extra or foreign part)."""
+    _, h, w = image.shape
+    cut = _region(rng, donor)  # a part of the donor with something on it
+    src = _centroid(cut)
+    dst = (rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w)
+    angle = rng.uniform(-math.pi, math.pi) if rng.random() < 0.5 else 0.0
+    content, region = _warp(donor, cut, src, dst, angle)
+    return torch.where(region, content, image), region
+
+
+def _shuffle_defect(image, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (candidate, region): a rectangle of small square tiles (2-5 % of the side) shuffled,
+    each tile also turned by a multiple of 90 degrees half of the time (a locally scrambled structure)."""
+    _, h, w = image.shape
+    tile = max(2, round(rng.uniform(0.02, 0.05) * math.sqrt(h * w)))
+    n = max(4, round(_area(rng) * h * w / tile**2))  # tiles in the region
+    ny = int(np.clip(round(math.sqrt(n * rng.uniform(0.5, 2))), 2, h // tile))
+    nx = int(np.clip(round(n / ny), 2, w // tile))
+    busy = _busyness(image)
+    corners = [(int(rng.integers(0, h - ny * tile + 1)), int(rng.integers(0, w - nx * tile + 1))) for _ in range(PLACES)]
+    y0, x0 = max(corners, key=lambda c: float(busy[c[0]:c[0] + ny * tile, c[1]:c[1] + nx * tile].mean()))
+    window = image[:, y0:y0 + ny * tile, x0:x0 + nx * tile]
+    tiles = rearrange(window, "c (ny t1) (nx t2) -> (ny nx) c t1 t2", t1=tile, t2=tile)
+    order = torch.from_numpy(rng.permutation(len(tiles)))
+    if bool((order == torch.arange(len(tiles))).all()):  # the identity shuffles nothing
+        order = order.roll(1)
+    tiles = tiles[order]
+    if rng.random() < 0.5:
+        turns = rng.integers(0, 4, len(tiles))
+        tiles = torch.stack([torch.rot90(t, int(k), dims=(1, 2)) for t, k in zip(tiles, turns)])
+    out, region = image.clone(), torch.zeros(1, h, w, dtype=torch.bool)
+    out[:, y0:y0 + ny * tile, x0:x0 + nx * tile] = rearrange(tiles, "(ny nx) c t1 t2 -> c (ny t1) (nx t2)", ny=ny)
+    region[:, y0:y0 + ny * tile, x0:x0 + nx * tile] = True
+    return out, region
+
+
+def _fill(rng, image, region) -> torch.Tensor:
+    """Returns `image` with `region` filled from its surroundings: the colour a Gaussian blur of the
+    pixels outside the region gives there (normalised convolution), plus the fine texture of a
+    copy shifted by about the region's size (so the fill is texture of the neighbourhood, not a
+    smooth patch)."""
+    _, h, w = image.shape
+    radius = math.sqrt(float(region.sum()) / math.pi)
+    sigma = max(1.0, radius / 2)
+    size = min(2 * math.ceil(3 * sigma) + 1, (min(h, w) - 1) // 2 * 2 + 1)  # odd, below the side
+    blur = lambda t: gaussian_blur2d(t[None], (size, size), (sigma, sigma), border_type="reflect")[0]  # noqa: E731
+    known = (~region).to(image)
+    colour = blur(image * known) / blur(known).clamp_min(1e-6)
+    a = rng.uniform(0, 2 * math.pi)
+    shift = 2.2 * radius + 2
+    centre = _centroid(region)
+    nearby, _ = _warp(image, torch.ones_like(region), (centre[0] + shift * math.sin(a), centre[1] + shift * math.cos(a)),
+                      centre, 0.0)
+    return torch.where(region, colour + nearby - blur(nearby), image)
+
+
+def _centroid(region) -> tuple[float, float]:
+    """Returns the (y, x) centre in pixels of a bool (1, H, W) region (the image centre if empty)."""
+    ys, xs = torch.nonzero(region[0], as_tuple=True)
+    if len(ys) == 0:
+        return (region.shape[1] - 1) / 2, (region.shape[2] - 1) / 2
+    return float(ys.double().mean()), float(xs.double().mean())
+
+
+def _elsewhere(rng, region, src) -> tuple[float, float]:
+    """Returns a (y, x) centre away from `src` by more than the region's extent where one fits."""
+    _, h, w = region.shape
+    ys, xs = torch.nonzero(region[0], as_tuple=True)
+    extent = float(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1) if len(ys) else 0.0
+    best, far = None, -1.0
+    for _ in range(16):
+        y, x = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+        d = math.hypot(y - src[0], x - src[1])
+        if d > far:
+            best, far = (y, x), d
+        if d > 1.1 * extent:
+            break
+    return best
+
+
+def _warp(source, region, src, dst, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (content (3, H, W), its bool (1, H, W) footprint): `source` around the (y, x) pixel
+    `src`, turned by `angle` radians and centred on `dst`; the footprint is `region` moved the same
+    way (nearest sampling, so it is exactly the pixels the content lands on)."""
+    _, h, w = region.shape
+    if angle == 0:  # a whole-pixel shift copies pixels exactly (bilinear weights 0 / 1): no blur
+        dst = (src[0] + round(dst[0] - src[0]), src[1] + round(dst[1] - src[1]))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    dy, dx = ys - dst[0], xs - dst[1]
+    c, s = math.cos(angle), math.sin(angle)
+    qy, qx = src[0] - s * dx + c * dy, src[1] + c * dx + s * dy  # the source pixel of each output pixel
+    # grid_sample's pixel-centre convention (align_corners=False): pixel i sits at (2i + 1) / n - 1.
+    grid = torch.stack([(2 * qx + 1) / w - 1, (2 * qy + 1) / h - 1], dim=-1)[None].to(source.dtype)
+    content = F.grid_sample(source[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
+    footprint = F.grid_sample(region[None].to(source.dtype), grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False)[0] > 0.5
+    return content, footprint
+
+
+def _fit(donor, image) -> torch.Tensor:
+    """Returns `donor` resized to the image's (H, W) when they differ."""
+    if donor.shape[-2:] == image.shape[-2:]:
+        return donor
+    return F.interpolate(donor[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0].clamp(0, 1)
 
 
 # ---------------------------------------------------------------- regions (bool (1, H, W))
@@ -243,6 +421,9 @@ def item_seed(seed: int, index: int) -> int:
 class ProxyDataset(Dataset):
     """Returns base items as good (first half) then the same images with synthetic defects.
 
+    Defect kinds go in turn through KINDS (item i of the second half: KINDS[(seed + i) % 7]),
+    so each kind gets a fair share; the kind is in "defect_type" ("synthetic_<kind>"). A `paste`
+    defect takes its patch from another base image (the next one, cyclically).
     `base` items follow `recontrast.data` ({"image": ImageNet-normalised (3, S, S), "mask",
     "label", "defect_type", "path"}); use held-out normal images (`Datasets.val`).
     """
@@ -277,12 +458,17 @@ class ProxyDataset(Dataset):
         """Returns base item i with a synthetic defect (label 1, its mask, "synthetic_<kind>")."""
         item = self.base[i]
         normalised = item["image"]
-        image = (normalised * self._std + self._mean).clamp(0, 1)
+        image = self._unnormalise(normalised)
         # Kinds in turn, not drawn: a few dozen images still get each kind about equally often.
         kind = KINDS[(self.seed + i) % len(KINDS)]
-        defective, mask, kind = synthesize(image, item_seed(self.seed, i), kind)
+        n = len(self.base)
+        donor = self._unnormalise(self.base[(i + 1) % n]["image"]) if kind == "paste" and n > 1 else None
+        defective, mask, kind = synthesize(image, item_seed(self.seed, i), kind, donor)
         # Outside the mask keep the base tensor itself: no float round-trip error there.
         renormalised = (defective - self._mean) / self._std
         out = torch.where(mask.bool(), renormalised, normalised)
         return {"image": out, "mask": mask.to(item["mask"].dtype), "label": 1,
                 "defect_type": f"synthetic_{kind}", "path": f"{item['path']}#synthetic_{kind}"}
+
+    def _unnormalise(self, normalised: torch.Tensor) -> torch.Tensor:
+        return (normalised * self._std + self._mean).clamp(0, 1)

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from recontrast.anomaly_map import image_score, maps_for
 from recontrast.calibration import calibrate, midpoint_below, pick_threshold, threshold_scale
 from recontrast.config import EvalConfig
+from recontrast.defects import KINDS
 from recontrast.images import denormalize
-from recontrast.metrics import PixelMetrics, compute_all
+from recontrast.metrics import PixelMetrics, compute_all, image_metrics, per_defect_auroc
 from recontrast.runtime import progress_bar
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,43 @@ def evaluate(
 def proxy_metrics(model: nn.Module, proxy_dataset, eval_cfg: EvalConfig, device=None) -> dict[str, float]:
     """Returns proxy/image_auroc, proxy/pixel_auroc, proxy/aupro and proxy/score (their mean):
     the model's metrics on synthetic defects made from held-out normal images (defects.ProxyDataset),
-    which needs no test label."""
-    result = evaluate(model, proxy_dataset, eval_cfg, device)
-    out = {f"proxy/{k}": float(result.metrics[k]) for k in PROXY_KEYS}
-    out[PROXY_SCORE] = float(np.mean(list(out.values())))
+    which needs no test label; and the same four per defect kind, proxy/<kind>/<metric> (that
+    kind's defects against all the good images), for every kind the set holds.
+
+    One pass of the model: each batch's maps go to the overall pixel metrics and, good images
+    to every kind's, defects to their own kind's.
+    """
+    pixel = PixelMetrics(eval_cfg.num_bins, eval_cfg.pro_fpr_limit)
+    by_kind = {k: PixelMetrics(eval_cfg.num_bins, eval_cfg.pro_fpr_limit) for k in KINDS}
+    scores, labels, kinds = [], [], []
+    for batch, maps, batch_scores in iterate_maps(model, proxy_dataset, eval_cfg, device):
+        pixel.update(maps, batch["mask"])
+        batch_kinds = [str(t).removeprefix("synthetic_") for t in batch["defect_type"]]
+        good = [j for j, label in enumerate(batch["label"].tolist()) if label == 0]
+        for kind, metrics in by_kind.items():
+            rows = good + [j for j, k in enumerate(batch_kinds) if k == kind]
+            if rows:
+                metrics.update(maps[rows], batch["mask"][rows])
+        scores += batch_scores.double().cpu().tolist()
+        labels += batch["label"].tolist()
+        kinds += batch_kinds
+    if not scores:
+        raise ValueError("the proxy dataset is empty: nothing to evaluate")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*need both.*")
+        out = _proxy_entry("proxy", image_metrics(scores, labels), pixel)
+        aurocs = per_defect_auroc(scores, labels, kinds)
+        for kind, pixel_of_kind in by_kind.items():  # in KINDS order, the kinds the set holds
+            if kind in aurocs:
+                out |= _proxy_entry(f"proxy/{kind}", {"image_auroc": aurocs[kind]}, pixel_of_kind)
     return out
+
+
+def _proxy_entry(prefix: str, image: dict[str, float], pixel: PixelMetrics) -> dict[str, float]:
+    """Returns {prefix/k: value for k in PROXY_KEYS} and prefix/score, their mean."""
+    values = {**image, **pixel.compute()}
+    out = {f"{prefix}/{k}": float(values[k]) for k in PROXY_KEYS}
+    return out | {f"{prefix}/score": float(np.mean(list(out.values())))}
 
 
 def make_eval_fn(dataset, eval_cfg: EvalConfig, val_dataset=None, proxy_dataset=None

@@ -21,16 +21,21 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-CATEGORIES: tuple[str, ...] = ("weave", "grain", "disc", "bar")
-KINDS = {"weave": "texture", "grain": "texture", "disc": "object", "bar": "object"}
+CATEGORIES: tuple[str, ...] = ("weave", "grain", "disc", "bar", "mesh", "board")
+KINDS = {"weave": "texture", "grain": "texture", "disc": "object", "bar": "object", "mesh": "texture",
+         "board": "object"}
 DEFECTS: dict[str, tuple[str, ...]] = {
     "weave": ("hole", "misweave", "stain"),
     "grain": ("hole", "scratch", "stain"),
     "disc": ("broken", "contamination", "scratch"),
     "bar": ("misplaced_part", "missing_part", "thread"),
+    # Fine, structural defects on a strongly periodic texture: nothing but geometry changes.
+    "mesh": ("broken_wire", "shifted_wire", "thick_wire"),
+    # Parts of an object that are missing, out of place or one too many: colours stay normal.
+    "board": ("extra_part", "misplaced_part", "missing_part"),
 }
 # Fixed stream ids: Python's hash() of a str changes between processes.
-_CATEGORY_ID = {"weave": 11, "grain": 23, "disc": 37, "bar": 41}
+_CATEGORY_ID = {"weave": 11, "grain": 23, "disc": 37, "bar": 41, "mesh": 43, "board": 47}
 _MARKER = "recontrast.synthetic"
 _PNG = {"format": "PNG", "compress_level": 1}  # fixed settings: byte-identical reruns
 
@@ -230,7 +235,98 @@ def _bar(rng, S, defect, drng):
     return bg * (1 - obj[..., None]) + (obj * shade)[..., None] * metal
 
 
-_RENDER = {"weave": _weave, "grain": _grain, "disc": _disc, "bar": _bar}
+def _mesh(rng, S, defect, drng):
+    """Returns the albedo of a woven wire mesh: two sets of round wires over and under each other.
+
+    The period is at least 8 px, so a wire stays a few pixels wide on small test images.
+    """
+    x, y = _grid(S)
+    p = max(8.0, S * rng.uniform(0.055, 0.065))
+    phi = rng.uniform(-0.05, 0.05)
+    u0, v0 = rng.uniform(0, p, 2)  # pattern phase
+    hw = p * rng.uniform(0.11, 0.13)  # wire half-width
+    bg = 0.12 + 0.02 * _smooth_noise(rng, S, S / 16)
+    metal = np.array([0.82, 0.80, 0.74]) * (1 + rng.normal(0, 0.03, 3))
+    u = np.cos(phi) * x + np.sin(phi) * y + u0
+    v = -np.sin(phi) * x + np.cos(phi) * y + v0
+    iu, iv = np.round(u / p), np.round(v / p)  # index of the nearest wire of each set
+    du, dv = u - iu * p, v - iv * p  # signed distance to that wire's centre line
+    half_u = half_v = np.full_like(u, hw)
+    if defect:
+        # The defect sits between two crossings of one wire (the set drawn at random), where a
+        # break, a shift or a thickening changes nothing but that wire.
+        ci, cj = drng.integers(2, max(3, int(S / p) - 2), 2)
+        length = p * drng.uniform(0.45, 0.7)
+        zone = lambda along, across: (np.abs(across - ci * p) < p / 2) & (np.abs(along - (cj + 0.5) * p) < length / 2)  # noqa: E731
+        vertical = drng.random() < 0.5
+        wires, along = ((u, v) if vertical else (v, u))
+        here = zone(along, wires)
+        d, half = (du, half_u) if vertical else (dv, half_v)
+        if defect == "broken_wire":
+            d = np.where(here, p, d)  # the wire is gone there: nothing is that close
+        elif defect == "shifted_wire":
+            d = np.where(here, d - drng.choice([-1, 1]) * p * drng.uniform(0.2, 0.3), d)
+        elif defect == "thick_wire":
+            half = np.where(here, hw * drng.uniform(1.7, 2.1), half)
+        du, dv, half_u, half_v = (d, dv, half, half_v) if vertical else (du, d, half_u, half)
+    on_u, on_v = _step(np.abs(du) - half_u), _step(np.abs(dv) - half_v)
+    # Round wires, and at each crossing the set on top alternates (plain weave).
+    shade_u = 0.55 + 0.45 * np.sqrt(np.clip(1 - (du / half_u) ** 2, 0, 1))
+    shade_v = 0.55 + 0.45 * np.sqrt(np.clip(1 - (dv / half_v) ** 2, 0, 1))
+    u_on_top = (iu + iv) % 2 == 0
+    top, top_shade = np.where(u_on_top, on_u, on_v), np.where(u_on_top, shade_u, shade_v)
+    low, low_shade = np.where(u_on_top, on_v, on_u), np.where(u_on_top, shade_v, shade_u)
+    under = low * (1 - top)
+    shade = top * top_shade + under * 0.8 * low_shade  # the lower wire is in the upper one's shadow
+    cover = np.clip(top + under, 0, 1)
+    return (bg * (1 - cover))[..., None] + shade[..., None] * metal
+
+
+_BOARD_SLOTS = [(r, c) for r in range(3) for c in range(3)]
+_BOARD_PARTS = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 2)]  # slots that hold a part; the others stay empty
+
+
+def _board(rng, S, defect, drng):
+    """Returns the albedo of a small circuit board with six parts (dark bodies, metal leads and a
+    pin-1 dot) on a 3 x 3 grid of slots, three of them empty; shifted and turned a little."""
+    x, y = _grid(S)
+    bg = np.array([0.20, 0.20, 0.22]) * (1 + 0.02 * _smooth_noise(rng, S, S / 16))[..., None]
+    th = rng.uniform(-0.08, 0.08)
+    cx, cy = S / 2 + rng.uniform(-0.03, 0.03, 2) * S
+    side = S * 0.36 * (1 + rng.normal(0, 0.01))  # half the board's side
+    u = np.cos(th) * (x - cx) + np.sin(th) * (y - cy)
+    v = -np.sin(th) * (x - cx) + np.cos(th) * (y - cy)
+    pcb = np.array([0.18, 0.45, 0.25]) * (1 + rng.normal(0, 0.03, 3))
+    img = _blend(bg, _step(np.maximum(np.abs(u), np.abs(v)) - side), pcb * (1 + 0.03 * _smooth_noise(rng, S, S / 32))[..., None])
+    pitch = side * 0.62
+    a, b = S * 0.065, S * 0.04  # a part's half length and half width
+    jitter = rng.normal(0, 0.006 * S, (len(_BOARD_PARTS), 2))  # placement tolerance of good boards
+    turn = rng.normal(0, 0.03, len(_BOARD_PARTS))
+    parts = [[(c - 1) * pitch + dx, (r - 1) * pitch + dy, t] for (r, c), (dx, dy), t in zip(_BOARD_PARTS, jitter, turn)]
+    if defect == "missing_part":
+        parts.pop(int(drng.integers(len(parts))))
+    elif defect == "misplaced_part":
+        k = int(drng.integers(len(parts)))
+        angle = drng.uniform(0, 2 * np.pi)
+        shift = pitch * drng.uniform(0.2, 0.35) if drng.random() < 2 / 3 else 0.0
+        parts[k][0] += shift * np.cos(angle)
+        parts[k][1] += shift * np.sin(angle)
+        parts[k][2] += drng.choice([-1, 1]) * drng.uniform(0.35, 1.2) if shift == 0 or drng.random() < 0.5 else 0.0
+    elif defect == "extra_part":
+        r, c = [s for s in _BOARD_SLOTS if s not in _BOARD_PARTS][int(drng.integers(9 - len(_BOARD_PARTS)))]
+        parts.append([(c - 1) * pitch + drng.normal(0, 0.006 * S), (r - 1) * pitch + drng.normal(0, 0.006 * S),
+                      drng.normal(0, 0.03)])
+    lead, body, dot = np.array([0.85, 0.85, 0.82]), np.array([0.10, 0.10, 0.11]), np.array([0.70, 0.70, 0.66])
+    for pu, pv, t in parts:
+        pa = np.cos(t) * (u - pu) + np.sin(t) * (v - pv)  # along the part
+        pb = -np.sin(t) * (u - pu) + np.cos(t) * (v - pv)
+        img = _blend(img, _step(np.maximum(np.abs(pa) - a * 1.2, np.abs(pb) - b * 0.7)), lead)  # leads out both ends
+        img = _blend(img, _step(np.maximum(np.abs(pa) - a, np.abs(pb) - b)), body)
+        img = _blend(img, _step(np.hypot(pa + 0.6 * a, pb + 0.45 * b) - 0.25 * b), dot)  # pin 1: shows a turn
+    return img
+
+
+_RENDER = {"weave": _weave, "grain": _grain, "disc": _disc, "bar": _bar, "mesh": _mesh, "board": _board}
 
 
 def _photograph(albedo: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recontrast.defects import KINDS, TOL, ProxyDataset, synthesize
+from recontrast.defects import KINDS, STRUCTURAL_KINDS, TOL, ProxyDataset, synthesize
 from recontrast.images import IMAGENET_MEAN, IMAGENET_STD
 
 SEEDS = range(6)
@@ -32,7 +32,7 @@ class _Base(torch.utils.data.Dataset):
 
     category = "toy"
 
-    def __init__(self, n: int = 3, size: int = 64):
+    def __init__(self, n: int = len(KINDS), size: int = 64):
         self.images = [_normalise(_gradient(size, seed)) for seed in range(n)]
 
     def __len__(self):
@@ -65,8 +65,43 @@ def test_seed_reproduces_and_differs():
         a, b = synthesize(image, 7, kind), synthesize(image, 7, kind)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
         assert not torch.equal(a[1], synthesize(image, 8, kind)[1])
-    drawn = {synthesize(image, s)[2] for s in range(12)}
+    drawn = {synthesize(image, s)[2] for s in range(40)}
     assert drawn == set(KINDS)  # kind=None draws every kind
+
+
+def test_paste_takes_its_patch_from_the_donor():
+    black, white = torch.zeros(3, 64, 64), torch.ones(3, 80, 80)  # a donor of another size is resized
+    for seed in SEEDS:
+        out, mask, _ = synthesize(black, seed, "paste", donor=white)
+        inside = mask[0].bool()
+        assert inside.any()
+        torch.testing.assert_close(out[:, inside], torch.ones_like(out[:, inside]))  # bilinear, turned
+
+
+def test_shuffle_and_move_rearrange_the_image_own_pixels():
+    """A shuffle permutes pixels (tiles moved and turned); a move brings no foreign colour: every
+    moved pixel's colour is one of the image's (whole-pixel shifts) or between them (turns)."""
+    image = IMAGES["gradient"]
+    for seed in SEEDS:
+        out, mask, _ = synthesize(image, seed, "shuffle")
+        assert mask.any()
+        for c in range(3):
+            assert torch.equal(out[c].flatten().sort().values, image[c].flatten().sort().values)
+        out, mask, _ = synthesize(image, seed, "move")
+        inside = mask[0].bool()
+        assert out[:, inside].min() >= image.min() - 0.3 and out[:, inside].max() <= image.max() + 0.3
+
+
+def test_structural_kinds_keep_the_colours_surface_kinds_change_them():
+    """erase / move / shuffle fill from the image itself: the defect's mean colour stays near the
+    image's; that is what makes them hard for a model that only learned colour statistics."""
+    image = _gradient(128, seed=1)
+    for kind in ("erase", "move", "shuffle"):
+        assert kind in STRUCTURAL_KINDS
+        for seed in SEEDS:
+            out, mask, _ = synthesize(image, seed, kind)
+            inside = mask[0].bool()
+            assert (out[:, inside].mean(1) - image[:, inside].mean(1)).abs().max() < 0.25, (kind, seed)
 
 
 def test_bad_arguments():

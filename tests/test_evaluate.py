@@ -180,6 +180,41 @@ def test_make_eval_fn_returns_metrics_only(evaluated, tmp_path):
     assert unmasked.calibration["normal_source"] == "test_good"
 
 
+def test_proxy_metrics_per_kind_equal_evaluating_that_kind_alone(evaluated, tmp_path):
+    """proxy/<kind>/* are the metrics of that kind's defects against all good images, as if
+    evaluated alone; proxy/* the whole set's, as evaluate() gives; the report lists both."""
+    from torch.utils.data import Subset
+
+    from recontrast.defects import KINDS, ProxyDataset
+
+    ckpt, _, _, datasets = evaluated
+    model, cfg, _ = load_model(ckpt)
+    proxy = ProxyDataset(datasets.test, seed=0)  # 15 base images: every kind at least twice
+    metrics = E.proxy_metrics(model, proxy, cfg.eval)
+    whole = E.evaluate(model, proxy, cfg.eval).metrics
+    for key in E.PROXY_KEYS:
+        assert metrics[f"proxy/{key}"] == pytest.approx(whole[key], abs=1e-12)
+    n = len(datasets.test)
+    kinds = [proxy[n + i]["defect_type"].removeprefix("synthetic_") for i in range(n)]
+    assert set(kinds) == set(KINDS)
+    for kind in KINDS:
+        alone = E.evaluate(model, Subset(proxy, [*range(n), *(n + i for i, k in enumerate(kinds) if k == kind)]),
+                           cfg.eval).metrics
+        # Other batches: the maps differ in the last bits, a pixel may fall into the next bin.
+        for key in E.PROXY_KEYS:
+            assert metrics[f"proxy/{kind}/{key}"] == pytest.approx(alone[key], abs=1e-5), (kind, key)
+        assert metrics[f"proxy/{kind}/score"] == pytest.approx(np.mean([alone[k] for k in E.PROXY_KEYS]), abs=1e-5)
+    result = E.EvalResult(metrics=metrics, records=[], calibration={})
+    report.write_outputs(result, cfg.eval, tmp_path, "proxy")
+    with open(tmp_path / "proxy_kinds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kind"] for r in rows] == [*KINDS, "all"]
+    assert float(rows[-1]["aupro"]) == pytest.approx(metrics["proxy/aupro"])
+    table = report.proxy_table(metrics).splitlines()
+    assert len(table) == len(KINDS) + 2 and table[-1].split()[0] == "all"
+    assert table[-1].split()[-1] == f"{100 * metrics['proxy/score']:.2f}"
+
+
 def test_main_evaluate_logs_to_tracking_when_asked(evaluated, tmp_path, monkeypatch):
     import shutil
 

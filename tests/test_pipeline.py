@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,9 +15,10 @@ from recontrast.checkpoint import final_checkpoint, load_checkpoint
 from recontrast.config import Config, apply_overrides
 from recontrast.data import build_datasets
 from recontrast.evaluate import proxy_metrics
-from recontrast.health import NOT_CONVERGED, OK
+from recontrast.defects import KINDS, SURFACE_KINDS
+from recontrast.health import NOT_CONVERGED, OK, PROXY_FLOORS, assess
 from recontrast.model import build_model
-from recontrast.train import Callback
+from recontrast.train import Callback, warmup_iters
 
 
 def lite_cfg(root, out, **overrides) -> Config:
@@ -46,7 +48,11 @@ def healthy(weave, tmp_path_factory):
 def test_every_evaluation_reports_proxy_metrics_without_test_labels(healthy):
     result, evaluation, _ = healthy
     proxy = {k: v for k, v in evaluation.metrics.items() if k.startswith("proxy/")}
-    assert set(proxy) == {"proxy/image_auroc", "proxy/pixel_auroc", "proxy/aupro", "proxy/score"}
+    overall = {"proxy/image_auroc", "proxy/pixel_auroc", "proxy/aupro", "proxy/score"}
+    kinds = {k.split("/")[1] for k in proxy if k.count("/") == 2}
+    assert kinds and kinds <= set(KINDS)  # as many kinds as held-out images, up to all of them
+    assert set(proxy) == overall | {f"proxy/{kind}/{m}" for kind in kinds for m in ("image_auroc", "pixel_auroc",
+                                                                                   "aupro", "score")}
     written = json.loads((evaluation.out_dir / "metrics.json").read_text())
     assert written["proxy/aupro"] == pytest.approx(proxy["proxy/aupro"])
     assert "proxy/score" in result.metrics  # the end-of-training evaluation the health check reads
@@ -61,8 +67,26 @@ def test_a_trained_model_scores_higher_proxy_metrics_than_an_untrained_one(healt
     proxy = pipeline.proxy_dataset(cfg, build_datasets(cfg.data))
     before = proxy_metrics(untrained, proxy, cfg.eval)
     after = proxy_metrics(result.model, proxy, cfg.eval)
-    assert after["proxy/image_auroc"] > before["proxy/image_auroc"] + 0.2
+    # Pixel metrics: 6 held-out images give one defect image per kind, too few for image AUROC.
+    assert after["proxy/pixel_auroc"] > before["proxy/pixel_auroc"] + 0.2
     assert after["proxy/aupro"] > before["proxy/aupro"] + 0.3
+
+
+def test_a_run_whose_proxy_is_below_a_learning_run_is_flagged_with_the_number(healthy, weave, tmp_path):
+    """The health check reads the proxy per defect family: an untrained model (a run that learned
+    nothing, whatever its loss did) is flagged, naming the number and the floor; the 30-iteration
+    run is not. The loss history is the learning run's, so only the proxy can flag."""
+    result, _, _ = healthy
+    cfg = lite_cfg(weave, tmp_path)
+    torch.manual_seed(0)
+    proxy = pipeline.proxy_dataset(cfg, build_datasets(cfg.data))
+    broken = proxy_metrics(build_model(cfg), proxy, cfg.eval)
+    health = assess(result.loss_history, warmup_iters(cfg), broken)
+    assert health.status == NOT_CONVERGED
+    surface = np.mean([broken[f"proxy/{k}/pixel_auroc"] for k in SURFACE_KINDS if f"proxy/{k}/pixel_auroc" in broken])
+    assert f"surface synthetic defects = {surface:.3f} (< {PROXY_FLOORS['surface']}" in health.message
+    learned = assess(result.loss_history, warmup_iters(cfg), proxy_metrics(result.model, proxy, cfg.eval))
+    assert learned.status == OK, learned.reasons
 
 
 def test_a_failed_training_is_flagged_in_console_results_reports_and_mlflow(weave, tmp_path, store, capsys):

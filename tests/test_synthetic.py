@@ -84,3 +84,31 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "own" / "weave").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="not written by"):
         synthetic.generate(tmp_path / "own", size=32, n_train=1, n_test_good=1, n_test_defect=1)
+
+
+@pytest.mark.parametrize("size", [32, 47, 100])
+@pytest.mark.parametrize("category", ["mesh", "board"])
+def test_structural_categories_at_any_size(category, size):
+    """mesh (periodic texture, fine breaks and misalignments) and board (parts missing, out of
+    place, one too many): every defect places at odd and tiny sizes, its mask exact and local."""
+    for defect in synthetic.DEFECTS[category]:
+        for i in range(2):
+            image, mask = synthetic._defect_sample(category, defect, i, size, 0)
+            assert image.shape == (size, size, 3) and mask.shape == (size, size)
+            attempts = [synthetic.render(category, defect, i, size, 0, a) for a in range(20)]
+            clean = next(c for im, c in attempts if np.array_equal(im, image))
+            assert np.array_equal((image != clean).any(-1), mask)
+            # Structural, not a stain: the defect is a small part of the image.
+            assert mask.mean() < (0.03 if category == "mesh" else 0.12), (defect, i, mask.mean())
+
+
+def test_board_parts_change_only_where_a_part_was_or_is():
+    """A missing part shows bare board where a good board has a dark part; an extra part puts a
+    dark part where a good board is bare: the defect is the geometry, colours are the normal ones."""
+    for defect, dark_after in (("missing_part", False), ("extra_part", True)):
+        image, mask = synthetic._defect_sample("board", defect, 0, 128, 0)
+        clean = next(c for im, c in (synthetic.render("board", defect, 0, 128, 0, a) for a in range(20))
+                     if np.array_equal(im, image))
+        dark = lambda im: im[mask].mean(-1) < 60  # noqa: E731  the part bodies are near black
+        assert dark(image).mean() > 0.3 if dark_after else dark(clean).mean() > 0.3
+        assert dark(clean).mean() < 0.05 if dark_after else dark(image).mean() < 0.05
