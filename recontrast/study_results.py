@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from recontrast import tracking
-from recontrast.mlflow_store import experiment_id, get_client, retry
-from recontrast.study import METRICS, SWITCHES
+from recontrast.mlflow_store import experiment_id, get_client, quote, retry
+from recontrast.study import METRICS, SUPERSEDED_TAG, SWITCHES
 
 
 def _experiment_ids(client, experiment: str | None) -> list[str]:
@@ -33,11 +33,13 @@ def study_results(study: str, experiment: str | None = None, uri: str | None = N
     experiments = _experiment_ids(client, experiment)
     rows, variant_order = [], []
     for i in range(0, len(experiments), 100):
-        for run in client.search_runs(experiments[i:i + 100], f"tags.study = '{study}'", max_results=5000,
+        for run in client.search_runs(experiments[i:i + 100], f"tags.study = {quote(study)}", max_results=5000,
                                       order_by=["attributes.start_time DESC"]):
             tags = run.data.tags
             if tags.get("recontrast_role"):  # the study's parent run or a comparison run
                 variant_order = variant_order or tags.get("variants", "").split(",")
+                continue
+            if tags.get(SUPERSEDED_TAG):  # a rerun of its pair replaced it (batch)
                 continue
             variant = tags.get("variant") or tags.get("ablation", "?")  # 'ablation': runs logged before #15
             row = {"run_id": run.info.run_id, "variant": variant,
@@ -115,7 +117,7 @@ def study_summary_metrics(frame, baseline: str = "full", metrics: Sequence[str] 
 
 def _parent_run_id(client, experiments: list[str], study: str) -> str | None:
     """Returns the id of the latest parent run of `study` (tags recontrast_role=study), or None."""
-    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = '{study}'",
+    found = client.search_runs(experiments, f"tags.recontrast_role = 'study' and tags.study = {quote(study)}",
                                max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
     return found[0].info.run_id if found else None
 
