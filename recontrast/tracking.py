@@ -299,12 +299,12 @@ class MLflowCallback(Callback):
         self.warnings: list[str] = []
         self._held: list[Callable[[], Any]] = []  # writes held while the tracking server does not answer
         self._down_since: float | None = None
-        self._checkpoint: Path | None = None
+        self._timeout_s, self._folder = 60.0, Path("train.out")
 
     def on_start(self, cfg: Config, model, start_iteration: int) -> None:
         if self.run is None:
             self.run = self._open()
-        self._timeout_s = cfg.tracking.timeout_s
+        self._timeout_s, self._folder = cfg.tracking.timeout_s, Path(cfg.train.out)
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._write(self.run.set_tags, {"model.parameters": n_all, "model.trainable_parameters": n_train,
@@ -353,7 +353,7 @@ class MLflowCallback(Callback):
         if self._down_since is not None:
             return
         self._down_since = time.monotonic()
-        folder = self._checkpoint.parent if self._checkpoint else "train.out"
+        folder = self._folder
         print(f"MLflow tracking server {uri} does not answer (since iteration {self._last_step}, "
               f"tracking.timeout_s={self._timeout_s:g}): training continues, its metrics are held and logged "
               f"when the server answers again; if it is still down when training ends, the run stops with its "
@@ -396,7 +396,7 @@ class MLflowCallback(Callback):
         self.flush()
 
     def on_checkpoint(self, iteration: int, path: Path) -> None:
-        path = self._checkpoint = Path(path).resolve()
+        path = Path(path).resolve()
         self._write(self.run.set_tags, {"checkpoint": str(path), "checkpoint_iteration": iteration})
         write_run_id(path.parent, self.run.run_id)
         self.flush()
