@@ -272,7 +272,8 @@ def test_a_tracking_server_that_dies_mid_training_and_comes_back_loses_no_metric
         down = [line for line in err.splitlines() if "does not answer" in line]
         back = [line for line in err.splitlines() if "answers again after" in line]
         assert len(down) == 1 and re.search(rf"MLflow tracking server {server.uri} does not answer \(since iteration 2, "
-                                            r"tracking\.timeout_s=4\): training continues.* checkpoint in .*run \(recontrast evaluate", down[0]), err
+                                            r"tracking\.timeout_s=4\): training continues.* checkpoint in .*run "
+                                            r"\(recontrast evaluate", down[0]), err
         assert len(back) == 1 and "the metrics held meanwhile are logged" in back[0], err
         client = mlflow_client(server.uri)
         run = client.get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
