@@ -28,9 +28,9 @@ from recontrast.checkpoint import final_checkpoint
 from recontrast.config import Config, ConfigError, load_config
 from recontrast.health import NOT_CONVERGED
 from recontrast.locks import folder_lock
-from recontrast.preflight import checkpoint_progress
 from recontrast.mlflow_store import (RUN_ID_FILE, experiment_id, fix_stale_runs, get_client, quote, read_run_id,
                                      retry, tracking_uri)
+from recontrast.preflight import checkpoint_progress
 from recontrast.ray_executor import RayOptions, check_options, connected, import_ray, run_pairs
 from recontrast.runtime import PROGRESS_LINES_ENV, ROOT_ENV, environment, notebook_folder, project_root
 from recontrast.study import (SUPERSEDED_TAG, Job, Study, changed_keys, check_name, load_study, plan,
