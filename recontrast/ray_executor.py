@@ -177,7 +177,7 @@ def connected(options: RayOptions, jobs: Sequence[Job], local_pairs: int = 1):
 
 def _init(ray, options: RayOptions, jobs: Sequence[Job], local_pairs: int) -> None:
     """Calls ray.init with a deadline: a host:port nobody listens on is refused in seconds,
-    and an init that does not return within options.timeout_s raises ConfigError."""
+    and joining a cluster that does not return within options.timeout_s raises ConfigError."""
     address, timeout = options.address, options.timeout_s
     fix = ("start it (`ray start --head` on that node), check --address, or run without --address "
            "(a local Ray instance); nothing was run and no earlier run was changed")
@@ -191,6 +191,9 @@ def _init(ray, options: RayOptions, jobs: Sequence[Job], local_pairs: int) -> No
     per_pair = task_resources(jobs[0], options.cpus, options.gpus)["num_cpus"] if jobs else 1
     kwargs = dict(address=address or None, num_cpus=None if address else max(1, round(local_pairs * per_pair)),
                   include_dashboard=False, configure_logging=False)
+    if not address:  # a local instance starts its own processes: in the main thread (Ray's signal handlers)
+        ray.init(**kwargs)
+        return
     outcome: dict[str, BaseException | None] = {}
 
     def join() -> None:
