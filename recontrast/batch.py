@@ -29,16 +29,21 @@ from recontrast.checkpoint import final_checkpoint
 from recontrast.config import Config, ConfigError, load_config
 from recontrast.health import NOT_CONVERGED
 from recontrast.locks import folder_lock
-from recontrast.mlflow_store import (RUN_ID_FILE, Tag, experiment_id, fix_stale_runs, get_client, read_run_id,
+from recontrast.mlflow_store import (RUN_ID_FILE, Tag, experiment_id, fix_stale_runs, get_client, quote, read_run_id,
                                      retry, tracking_uri)
-from recontrast.ray_executor import RayOptions, import_ray, run_pairs
-from recontrast.runtime import PROGRESS_LINES_ENV, environment, project_root
-from recontrast.study import Job, PairStatus, Study, load_study, plan, study_status, switches
+from recontrast.preflight import checkpoint_progress
+from recontrast.ray_executor import RayOptions, check_options, connected, import_ray, run_pairs
+from recontrast.runtime import PROGRESS_LINES_ENV, ROOT_ENV, environment, notebook_folder, project_root
+from recontrast.study import (SUPERSEDED_TAG, Job, PairStatus, Study, changed_keys, check_name, load_study, plan,
+                              study_status, switches)
 from recontrast.study_results import log_study_metrics
 
 log = logging.getLogger(__name__)
 
 NOTEBOOKS = ("02_train.ipynb", "03_evaluate.ipynb")
+KERNEL_LOG = "kernel.log"  # in the pair's folder: the kernel process's own output (not its cells')
+# Loggers that report a notebook kernel's shutdown; after a Ctrl-C that is noise, the data is safe.
+_SHUTDOWN_LOGGERS = ("asyncio", "papermill", "nbclient", "traitlets", "jupyter_client", "tornado")
 
 
 @dataclass
@@ -166,6 +171,9 @@ def execute_pair(job: Job) -> PairResult:
                                    resume=job.resume, evaluate_at_end=False, track=job.track)),
         (NOTEBOOKS[1], EvaluateParams(out=str(folder / "eval"), track=job.track)),
     ]
+    if job.resume and _training_finished(job, train_out):  # resuming would train nothing
+        steps, run_id = steps[1:], read_run_id(train_out)
+        print(f"[{job.variant}/{job.category}] its training finished earlier; evaluating it", flush=True)
     try:
         for name, params in steps:
             if isinstance(params, EvaluateParams):  # known once training ended (best.ckpt with train.select=proxy)
@@ -176,9 +184,10 @@ def execute_pair(job: Job) -> PairResult:
                 out = PrefixedLines(f"[{job.variant}/{job.category}] ", sys.stdout)
                 # The kernel inherits both: $IPYNB_FILE gives its runs mlflow.source.name = the
                 # notebook; progress lines reach this console (a widget would not).
-                with environment(IPYNB_FILE=str(folder / name), **{PROGRESS_LINES_ENV: "1"}):
-                    pm.execute_notebook(root / "notebooks" / name, folder / name, parameters=dataclasses.asdict(params),
+                with environment(IPYNB_FILE=str(folder / name), **{PROGRESS_LINES_ENV: "1", ROOT_ENV: str(root)}):
+                    pm.execute_notebook(notebook_folder() / name, folder / name, parameters=dataclasses.asdict(params),
                                         kernel_name=kernel, cwd=str(root), progress_bar=False,
+                                        kernel_manager_class=logged_kernel(folder / KERNEL_LOG),
                                         start_timeout=300, report_mode=False, stdout_file=out, stderr_file=out)
             finally:
                 run_id = read_run_id(train_out) or run_id
@@ -191,6 +200,32 @@ def execute_pair(job: Job) -> PairResult:
         return PairResult(job.variant, job.category, PairStatus.FAILED, run_id, error, time.time() - t0, str(folder))
     return PairResult(job.variant, job.category, PairStatus.DONE, run_id, "", time.time() - t0, str(folder),
                       health=_run_health(job.uri, run_id))
+
+
+def logged_kernel(log: Path):
+    """Returns a jupyter_client kernel manager class whose kernel process writes its own output
+    (IPKernelApp notices, the ZMQ tracebacks of its shutdown after a Ctrl-C) to `log`, not to
+    the batch's console; what the cells print still reaches it through papermill."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as out:  # the kernel gets its own copy of the descriptor
+                kw.setdefault("stdout", out)
+                kw.setdefault("stderr", out)
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernelManager
+
+
+def _training_finished(job: Job, train_out: Path) -> bool:
+    """Returns True when <train_out>/last.ckpt already holds the pair's train.iters iterations."""
+    try:
+        done, _ = checkpoint_progress(train_out / "last.ckpt")
+        return done >= load_config(job.config, job.overrides).train.iters
+    except Exception:  # no readable checkpoint: notebook 02 says what is wrong
+        return False
 
 
 def _run_health(uri: str, run_id: str | None) -> str:
@@ -284,46 +319,65 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
     One batch runs a study at a time: a second one, started while the first runs, refuses at
     once naming the first (it would train the same pairs into the same folders).
     """
-    if ray is not None:
-        import_ray()  # a missing extra stops here, before any folder or run exists
+    if ray is not None:  # an executor that cannot work stops here, before any folder or run is touched
+        check_options(ray)
+        import_ray()
     spec = load_study(study)
     if name:
-        spec.name = name
+        spec.name = check_name(name, "the study name")
     todo = plan(spec, categories, variants, overrides, runs_dir)
     if register and register not in spec.variants:
         raise ConfigError(f"cannot register the models of variant '{register}': study '{spec.name}' has the "
                           f"variants {', '.join(spec.variants)}")
     folder = (Path(runs_dir) if runs_dir else project_root() / "experiments" / "runs") / spec.name
-    with folder_lock(folder, f"study '{spec.name}', folder", fix="stop it first (a rerun skips the pairs it finished)"):
-        return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair, register, ray)
+    try:
+        with folder_lock(folder, f"study '{spec.name}', folder", fix="stop it first (a rerun skips the pairs it finished)"):
+            return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair, register, ray)
+    except KeyboardInterrupt:  # Ctrl-C: the caller says "interrupted" in one line; the kernels' shutdown is silent
+        for name in _SHUTDOWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        raise
 
 
 def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides, executor,
                  register: str | None = None, ray: RayOptions | None = None) -> StudyReport:
-    """Returns run_study's report; the caller holds the study folder's lock."""
+    """Returns run_study's report; the caller holds the study folder's lock.
+
+    Every check comes before any record is opened: which pairs have work left, then the
+    executor (Ray joined within its timeout); the parent run is reopened only when a pair runs.
+    """
     report = StudyReport(spec.name)
     base = load_config(spec.path, [*(overrides or []), f"tracking.study={spec.name}"])
-    with _parent_run(base, spec, todo) as parent:
-        report.parent_run_id = parent.run_id if parent else None
-        pending = []
-        for job in todo:
-            state = study_status(job, force)
-            if state == PairStatus.DONE:
-                done = json.loads((Path(job.folder) / "done.json").read_text())
-                report.results.append(PairResult(job.variant, job.category, PairStatus.SKIPPED, done.get("run_id"),
-                                                 "finished earlier", 0.0, job.folder, done.get("health", "")))
-                continue
-            job.parent_run_id, job.resume = report.parent_run_id, state == PairStatus.RESUME
-            pending.append(job)
-        print(f"study {spec.name}: {len(pending)} pair(s) to run, {len(todo) - len(pending)} finished earlier",
-              flush=True)
-        report.results += _run_on_ray(pending, jobs, executor, ray) if ray else _run_jobs(pending, jobs, executor)
-        if parent is not None:
-            parent.set_tags({Tag.PAIRS_FAILED: len(report.failed),
-                             Tag.PAIRS_DONE: sum(r.status != PairStatus.FAILED for r in report.results)})
-            _log_study_metrics(spec, base, parent.run_id)
-            if register:
-                _register(report, register, tracking_uri(base))
+    pending = []
+    for job in todo:
+        state = study_status(job, force)
+        if state == PairStatus.DONE:
+            done = json.loads((Path(job.folder) / "done.json").read_text())
+            report.results.append(PairResult(job.variant, job.category, PairStatus.SKIPPED, done.get("run_id"),
+                                             "finished earlier", 0.0, job.folder, done.get("health", "")))
+            continue
+        job.resume = state == PairStatus.RESUME
+        _say_why_rerun(job, force)
+        pending.append(job)
+    print(f"study {spec.name}: {len(pending)} pair(s) to run, {len(todo) - len(pending)} finished earlier",
+          flush=True)
+    if not pending:
+        print(f"study {spec.name}: nothing to run, every pair finished earlier with these settings (--force "
+              f"redoes them); no run or file was changed", flush=True)
+        print(report.summary(), flush=True)
+        return report
+    with connected(ray, pending, jobs) if ray else contextlib.nullcontext():
+        with _parent_run(base, spec, todo) as parent:
+            report.parent_run_id = parent.run_id if parent else None
+            for job in pending:
+                job.parent_run_id = report.parent_run_id
+            report.results += _run_on_ray(pending, jobs, executor, ray) if ray else _run_jobs(pending, jobs, executor)
+            if parent is not None:
+                parent.set_tags({Tag.PAIRS_FAILED: len(report.failed),
+                                 Tag.PAIRS_DONE: sum(r.status != PairStatus.FAILED for r in report.results)})
+                _log_study_metrics(spec, base, parent.run_id)
+                if register:
+                    _register(report, register, tracking_uri(base))
     print(report.summary(), flush=True)
     for r in report.failed:
         print(f"FAILED {r.variant}/{r.category}: {r.error} (notebooks in {r.folder})", flush=True)
@@ -333,20 +387,54 @@ def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides
     return report
 
 
+def _say_why_rerun(job: Job, force: bool) -> None:
+    """Prints why a finished pair runs again (--force, or which result-changing keys changed)
+    and notes its run in started.json, so the run that replaces it can mark it superseded."""
+    try:
+        done = json.loads((Path(job.folder) / "done.json").read_text())
+    except (OSError, ValueError):
+        return
+    why = "--force" if force and done.get("fingerprint") == job.fingerprint else \
+        f"its settings changed since it finished ({changed_keys(done.get('settings'), job.settings)})"
+    print(f"{job.variant}/{job.category}: running it again: {why}", flush=True)
+    job.replaces = done.get("run_id") or ""
+    job.replace_reason = why
+
+
 def _mark_started(job: Job) -> None:
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "done.json").unlink(missing_ok=True)
-    (folder / "started.json").write_text(json.dumps({"fingerprint": job.fingerprint}) + "\n")
+    started = {"fingerprint": job.fingerprint, "settings": job.settings}
+    if job.replaces:
+        started.update(replaces=job.replaces, reason=job.replace_reason)
+    elif job.resume:  # a resumed attempt keeps the run it replaces from its first attempt
+        with contextlib.suppress(OSError, ValueError):
+            earlier = json.loads((folder / "started.json").read_text())
+            started.update({k: earlier[k] for k in ("replaces", "reason") if k in earlier})
+    (folder / "started.json").write_text(json.dumps(started) + "\n")
 
 
 def _mark_done(job: Job, result: PairResult) -> None:
-    """Writes done.json: what makes a rerun skip this pair."""
-    if result.status == PairStatus.DONE:
-        (Path(job.folder) / "done.json").write_text(json.dumps(
-            {"run_id": result.run_id, "fingerprint": job.fingerprint, "seconds": round(result.seconds, 1),
-             "health": result.health,
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    """Writes done.json (what makes a rerun skip this pair) and tags the run this pair's
+    earlier result was logged to as superseded by the new one."""
+    if result.status != PairStatus.DONE:
+        return
+    (Path(job.folder) / "done.json").write_text(json.dumps(
+        {"run_id": result.run_id, "fingerprint": job.fingerprint, "seconds": round(result.seconds, 1),
+         "health": result.health, "settings": job.settings,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    try:
+        started = json.loads((Path(job.folder) / "started.json").read_text())
+    except (OSError, ValueError):
+        return
+    old = started.get("replaces")
+    if job.track and old and old != result.run_id:
+        try:
+            tracking.Run(old, get_client(uri=job.uri or None)).set_tags(
+                {SUPERSEDED_TAG: result.run_id or "?", "superseded_reason": started.get("reason", "")[:5000]})
+        except Exception as err:  # the new result is kept either way
+            log.warning("could not mark run %s as superseded by %s: %s", old, result.run_id, err)
 
 
 def _run_jobs(pending: list[Job], jobs: int, executor) -> list[PairResult]:
@@ -440,7 +528,7 @@ def _parent_run(base: Config, spec: Study, todo: list[Job]):
         return contextlib.nullcontext(None)
     client = get_client(base)
     exp = experiment_id(client, base.tracking.experiment)  # created once, before any job
-    found = retry(client.search_runs, [exp], f"tags.{Tag.ROLE} = '{Tag.ROLE_STUDY}' and tags.{Tag.STUDY} = '{spec.name}'",
+    found = retry(client.search_runs, [exp], f"tags.{Tag.ROLE} = '{Tag.ROLE_STUDY}' and tags.{Tag.STUDY} = {quote(spec.name)}",
                            max_results=1, order_by=["attributes.start_time DESC"])
     earlier = found[0].data.tags if found else {}  # a rerun of some pairs keeps the others listed
     # No variant of its own: the base config's variant would read as one of the study's.

@@ -132,7 +132,7 @@ def _batch(args: argparse.Namespace) -> None:
 
     if args.executor != "ray" and (args.address or args.cpus_per_pair or args.gpus_per_pair is not None):
         raise ConfigError("--address, --cpus-per-pair and --gpus-per-pair need --executor ray")
-    ray = (RayOptions(args.address, args.cpus_per_pair, args.gpus_per_pair, args.max_retries)
+    ray = (RayOptions(args.address, args.cpus_per_pair, args.gpus_per_pair, args.max_retries, args.ray_timeout)
            if args.executor == "ray" else None)
     report = run_study(
         args.study, categories=args.categories, jobs=args.jobs, force=args.force,
@@ -164,6 +164,10 @@ def _demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="recontrast", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or RECONTRAST_DEBUG=1)")
+    parser.add_argument("--root", default=None, metavar="FOLDER",
+                        help="the project root: runs, the MLflow store and relative data paths (or "
+                             "RECONTRAST_ROOT; default: the recontrast checkout holding the working directory, "
+                             "else the working directory)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -171,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error (or RECONTRAST_DEBUG=1)")
+        p.add_argument("--root", default=argparse.SUPPRESS, metavar="FOLDER", help="the project root (see recontrast --help)")
         return p
 
     def overrides(p: argparse.ArgumentParser) -> None:
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray GPUs per pair (default: study.resources.gpus, else 1 where the cluster has GPUs)")
     p.add_argument("--max-retries", type=int, default=1,
                    help="Ray's retries of a pair whose worker died (it resumes from its checkpoint)")
+    p.add_argument("--ray-timeout", type=SECONDS, default=60.0,
+                   help="seconds to join the Ray cluster (or start the local instance) before giving up")
     p.add_argument("--register", default=None, metavar="VARIANT",
                    help="register this variant's models, one registered model per category")
     overrides(p)
@@ -269,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("RECONTRAST_DEBUG", "") not in ("", "0")
+    if args.root is not None:
+        if not Path(args.root).is_dir():
+            sys.exit(f"recontrast {args.command}: --root {one_line(args.root, 200)} is not a folder; give the "
+                     f"project folder (where experiments/, data/ and mlruns/ are)")
+        os.environ["RECONTRAST_ROOT"] = str(Path(args.root).resolve())
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -167,6 +167,9 @@ class TrackingConfig:
     # The MLflow model 'detector' (inference weights) is always logged once a run is evaluated;
     # this also logs the full checkpoint (optimizer state: ~60 % of it) to resume elsewhere.
     log_full_checkpoint: bool = False
+    # A tracking server that does not answer for this long (MLflow's retries included) is
+    # unreachable: training goes on and logs what it held back once the server answers again.
+    timeout_s: float = 60.0
 
 
 @dataclass
@@ -202,6 +205,12 @@ EXPORT_RUNTIMES = (ONNX, OPENVINO)  # the ones a file is exported for
 # Keys that say where and how a run executes, not what it computes (one process ignores
 # train.sync_bn): a study's fingerprint leaves them out, and a resume may change them.
 PLACEMENT_KEYS = ("train.out", "train.device", "train.threads", "train.sync_bn")
+
+# Keys that only change what is logged or kept on the side, never a weight or a metric: a
+# study's fingerprint leaves them out too, so changing one does not retrain finished pairs.
+NON_RESULT_KEYS = frozenset({"train.log_every", "train.checkpoint_every", "train.reuse_cpu_memory", "data.cache",
+                             "eval.figures", "eval.gif"} |
+                            {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)})
 
 # method.md: the authors keep the trainable encoder's BN in eval mode for these categories.
 BN_EVAL_CATEGORIES = frozenset(

@@ -155,7 +155,11 @@ def _require_root(root) -> Path:
 def _require_images(folder: Path, what: str) -> list[Path]:
     paths = list_images(folder)
     if not paths:
-        state = "is empty" if folder.is_dir() else "does not exist"
+        state = "does not exist"
+        if folder.is_dir():
+            found = sorted(p.name for p in folder.iterdir())
+            state = (f"holds no image but {len(found)} other entr{'y' if len(found) == 1 else 'ies'} "
+                     f"({', '.join(found[:5])}{', ...' if len(found) > 5 else ''})") if found else "is empty"
         raise EmptySplit(f"{what} folder '{folder}' {state}; it needs images "
                          f"({', '.join(IMAGE_EXTENSIONS)})")
     return paths

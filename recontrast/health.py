@@ -31,7 +31,8 @@ MIN_LOSS_DROP = 0.15  # the post-warm-up loss must fall by this fraction of its 
 #   structural 0.83-1.00;
 # - failed runs (an untrained decoder; resnet18 from scratch, 60 iterations; real pixel
 #   AUROC 0.17-0.63): surface 0.13-0.80, structural 0.17-0.58.
-# Each floor sits between the two groups: it flags failures, not runs that could be better. The per-run numbers are in docs/recipe.md ("Proxy defect kinds").
+# Each floor sits between the two groups: it flags failures, not runs that could be better.
+# The per-run numbers are in docs/recipe.md ("Proxy defect kinds").
 PROXY_FLOORS = {"surface": 0.85, "structural": 0.70}
 MIN_JUDGED_ITERS = 20  # fewer iterations after the warm-up: the loss trend is not judged
 

@@ -311,6 +311,9 @@ def model_id(weights: dict[str, Tensor], calibration: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+MIN_CALIBRATION_IMAGES = 16  # fewer int8 calibration images: a warning (min-max ranges of a handful of images)
+
+
 def normal_batches(data_cfg: DataConfig, image_size: int, n: int = 64, data_root: str | Path | None = None,
                    batch_size: int = 1) -> list[np.ndarray]:
     """Returns up to `n` training (normal) images, evenly spread over the training split, as
@@ -334,6 +337,11 @@ def normal_batches(data_cfg: DataConfig, image_size: int, n: int = 64, data_root
                         f"(--data / data_root), or export where they are (recontrast export --int8) and "
                         f"give that file (--model / model_path)") from err
     picks = sorted(set(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int).tolist()))
+    if len(picks) < MIN_CALIBRATION_IMAGES:
+        warnings.warn(f"int8 calibration on {len(picks)} image(s) (of {len(train)} training images, {n} asked): "
+                      f"activation ranges from fewer than {MIN_CALIBRATION_IMAGES} images may clip real ones; give "
+                      f"--calibration-images {MIN_CALIBRATION_IMAGES} or more (and as many training images)",
+                      RuntimeWarning, stacklevel=2)
     images = torch.stack([train[i]["image"] for i in picks]).numpy()
     return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
@@ -349,7 +357,19 @@ def exported_session(checkpoint: str | Path, wanted_id: str, data_cfg: DataConfi
     """
     path = Path(model_path) if model_path is not None else runtimes.model_path(checkpoint, runtime, int8)
     if model_path is not None or path.is_file():
-        session = runtimes.Session(path, runtime, threads)
+        try:
+            session = runtimes.Session(path, runtime, threads)
+        except (runtimes.RuntimeMissing, FileNotFoundError):
+            raise
+        except Exception as err:  # a truncated or corrupt file (an export killed before the atomic write existed)
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            if model_path is not None:
+                raise StaleModel(f"{path} cannot be loaded ({reason}); export it again: recontrast export "
+                                 f"--checkpoint {checkpoint} --runtime {runtime}{' --int8' if int8 else ''} "
+                                 f"--out {path}") from None
+            warnings.warn(f"{path} cannot be loaded ({reason}); exporting it again from {checkpoint}",
+                          RuntimeWarning, stacklevel=2)
+            return _export_beside(checkpoint, path, data_cfg, runtime, int8, threads, calibration_images, data_root)
         same = session.metadata.get("recontrast.model_id") == wanted_id
         if same and (model_path is not None or session.metadata.get("recontrast.recipe") == runtimes.RECIPE):
             return session
@@ -359,6 +379,12 @@ def exported_session(checkpoint: str | Path, wanted_id: str, data_cfg: DataConfi
                              f"export it again: recontrast export --checkpoint {checkpoint} --runtime {runtime}"
                              f"{flag} --out {path}")
         del session
+    return _export_beside(checkpoint, path, data_cfg, runtime, int8, threads, calibration_images, data_root)
+
+
+def _export_beside(checkpoint, path: Path, data_cfg: DataConfig, runtime: str, int8: bool, threads: int | None,
+                   calibration_images: int, data_root) -> runtimes.Session:
+    """Returns the session of the checkpoint's model exported (again) to `path`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an uncalibrated checkpoint: the caller warns once
         torch_detector = Detector.load(checkpoint)

@@ -27,7 +27,7 @@ from recontrast.calibration import is_calibrated
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
 from recontrast.config import from_dict
 from recontrast.images import IMAGE_EXTENSIONS, load_rgb, resize_rgb
-from recontrast.mlflow_store import Tag, get_client, retry
+from recontrast.mlflow_store import Tag, get_client, quote, retry
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,13 @@ def register(run_id: str, name: str, uri: str | None = None, tags: dict[str, Any
     model again returns its existing version."""
     from mlflow.exceptions import MlflowException
 
+    search = f"name = {quote(name)} and run_id = {quote(run_id)}"  # a name MLflow cannot search stops here
     client = get_client(uri=uri)
     model_id = find_model(run_id, uri)
     # The model's own artifact location, not models:/<id>: MLflow would resolve that through its
     # global tracking URI, which need not be this store's.
     source = client.get_logged_model(model_id).artifact_location
-    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+    for existing in client.search_model_versions(search):
         if existing.source == source:
             return existing
     try:

@@ -7,6 +7,7 @@ run". Parallel jobs share one sqlite file: writes are retried while it is locked
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
@@ -23,6 +24,12 @@ DEFAULT_DB = Path("mlruns") / "mlflow.db"
 RUN_ID_FILE = "mlflow_run_id"  # written next to the checkpoint: notebook 03 / `evaluate` find the run
 RUN_FOLDER_TAG = "run_folder"  # the absolute folder a run trains into: a copied folder is not it
 PROBE_TIMEOUT_S = 3.0
+DEFAULT_TIMEOUT_S = 60.0  # tracking.timeout_s's default: how long one call to a tracking server may try
+# MLflow's own HTTP settings, read at each request; set from tracking.timeout_s unless the user set them.
+_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+_USER_HTTP_ENV = {k for k in _HTTP_ENV if k in os.environ}
+
+
 STALE_RUN = "StaleRun"  # the error_type of a run fix_stale_runs marked FAILED
 
 
@@ -79,6 +86,35 @@ def artifact_location(uri: str) -> str | None:
     return (project_root() / "mlruns" / "artifacts").as_uri()
 
 
+def quote(value: str) -> str:
+    """Returns `value` as a string literal of an MLflow filter string ('...', or "..." when it
+    holds a single quote: MLflow's parser has no escape). A value holding both quote characters
+    cannot be written there: ValueError naming the characters to avoid."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value[:80]!r} holds both ' and \"; MLflow cannot search for it: rename it without one of them")
+
+
+def http_limits(timeout_s: float) -> dict[str, str]:
+    """Returns MLflow's HTTP settings that make one call to a tracking server give up after
+    about `timeout_s` seconds: retries with backoff 0, 2, 4, 8, ... s over half of it (a short
+    restart of the server is survived), each attempt waiting at most `timeout_s` for an answer."""
+    retries = max(1, min(10, int(math.log2(timeout_s / 2 + 2))))
+    return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def set_timeout(timeout_s: float) -> None:
+    """Bounds every later MLflow HTTP call of this process (and the processes it starts) by
+    http_limits(timeout_s); MLflow's own variables win when the user set them."""
+    for key, value in http_limits(timeout_s).items():
+        if key not in _USER_HTTP_ENV:
+            os.environ[key] = value
+
+
 def retry(fn: Callable, *args, attempts: int = 8, **kwargs):
     """Returns fn(*args, **kwargs), retried with jittered backoff while sqlite says "locked"."""
     for k in range(attempts):
@@ -119,6 +155,10 @@ def get_client(cfg: Config | None = None, uri: str | None = None):
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg, uri)
+    if cfg is not None:
+        set_timeout(cfg.tracking.timeout_s)
+    elif not any(k in os.environ for k in _HTTP_ENV):
+        set_timeout(DEFAULT_TIMEOUT_S)
     if uri not in _CLIENTS:
         check_reachable(uri)
         if uri.startswith("sqlite:///"):
@@ -309,9 +349,12 @@ def find_run(checkpoint: str | Path, uri: str | None = None) -> str | None:
     from mlflow.entities import ViewType
 
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    path = str(checkpoint).replace("'", "\\'")
+    try:
+        path = quote(str(checkpoint))
+    except ValueError:
+        return None  # no run can be found by that path: the evaluation gets a run of its own
     for i in range(0, len(experiments), 100):
-        runs = client.search_runs(experiments[i : i + 100], f"tags.{Tag.CHECKPOINT} = '{path}'",
+        runs = client.search_runs(experiments[i : i + 100], f"tags.{Tag.CHECKPOINT} = {path}",
                                   max_results=1, order_by=["attributes.start_time DESC"])
         if runs:
             return runs[0].info.run_id

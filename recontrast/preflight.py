@@ -33,15 +33,13 @@ def check_device(cfg: Config) -> torch.device:
 
 
 def check_resumable(cfg: Config) -> None:
-    """Raises unless <train.out>/last.ckpt exists and was trained with cfg's model shape."""
+    """Raises unless <train.out>/last.ckpt exists, was trained with cfg's model shape and
+    has fewer iterations than train.iters (else resuming would train nothing)."""
     last = Path(cfg.train.out) / "last.ckpt"
     if not last.is_file():
         raise CheckpointError(f"--resume: there is no {last} to continue from; "
                               f"train without --resume to start this run")
-    try:  # memory-mapped: only the config is read, not the weights
-        stored = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["config"]
-    except Exception:
-        stored = load_checkpoint(last)["config"]  # its error message says what is wrong with the file
+    done, stored = checkpoint_progress(last)
     flat = cfg.flatten()
     for key in SHAPE_KEYS:
         section, name = key.split(".")
@@ -50,6 +48,20 @@ def check_resumable(cfg: Config) -> None:
             raise ConfigError(f"--resume: {last} was trained with {key}={old}, this config has {flat[key]}, "
                               f"so its weights cannot continue; resume with {key}={old}, or train into "
                               f"another folder (--out)")
+    if done >= cfg.train.iters:  # a finished run is reopened only to continue real work
+        raise ConfigError(f"--resume: {last} already holds {done} iterations and train.iters={cfg.train.iters}: "
+                          f"nothing to train, nothing was changed; give train.iters > {done} to continue it, or "
+                          f"evaluate it: recontrast evaluate --checkpoint {last}")
+
+
+def checkpoint_progress(path: Path) -> tuple[int, dict[str, Any]]:
+    """Returns (completed iterations, config dict) of a checkpoint; memory-mapped: the weights
+    are not read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = load_checkpoint(path)  # its error message says what is wrong with the file
+    return int(state.get("iteration", 0)), state["config"]
 
 
 # Settings fixed by the checkpoint (the model is rebuilt from its own config).

@@ -13,10 +13,13 @@ failed, its run marked FAILED: no run stays RUNNING.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import yaml
 
 from recontrast.config import ConfigError, load_config
 from recontrast.mlflow_store import RunStatus, Tag, get_client, read_run_id, retry
-from recontrast.runtime import process_alive, project_root
+from recontrast.runtime import ROOT_ENV, notebook_folder, process_alive, project_root
 from recontrast.study import Job, PairStatus, study_status
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,30 @@ class RayOptions:
     cpus: float | None = None  # per pair; None: the study's study.resources.cpus, else 1
     gpus: float | None = None  # per pair; None: study.resources.gpus, else 1 where the cluster has GPUs
     max_retries: int = 1  # Ray's retries of a pair whose worker died
+    timeout_s: float = 60.0  # joining the cluster (or starting the local instance) gives up after this
+
+
+# What --address takes: "auto", "local", or [ray://]host:port.
+_ADDRESS = re.compile(r"(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
+
+
+def check_options(options: RayOptions) -> None:
+    """Raises ConfigError naming the first setting of `recontrast batch --executor ray` that
+    cannot work (an address that does not parse, a negative count): before anything is touched."""
+    address = options.address
+    if address and address not in ("auto", "local"):
+        match = _ADDRESS.fullmatch(address)
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise ConfigError(f"--address {address[:80]!r} is not a Ray address; use auto (the cluster `ray start` "
+                              f"runs here), host:port (e.g. 10.0.0.5:6379) or ray://host:10001")
+    if options.max_retries < 0:
+        raise ConfigError(f"--max-retries {options.max_retries}: must be >= 0")
+    if options.cpus is not None and not options.cpus > 0:
+        raise ConfigError(f"--cpus-per-pair {options.cpus}: must be > 0")
+    if options.gpus is not None and not options.gpus >= 0:
+        raise ConfigError(f"--gpus-per-pair {options.gpus}: must be >= 0")
+    if not options.timeout_s > 0:
+        raise ConfigError(f"--ray-timeout {options.timeout_s}: must be a number of seconds > 0")
 
 
 class WorkerSetupError(RuntimeError):
@@ -82,7 +109,9 @@ def worker_env(jobs: Sequence[Job]) -> dict[str, str]:
     uris = {job.uri for job in jobs if job.track and job.uri}
     if len(uris) == 1:
         env["MLFLOW_TRACKING_URI"] = uris.pop()
-    for name in ("RECONTRAST_ARTIFACT_ROOT", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    env[ROOT_ENV] = str(project_root())  # the driver's project, wherever a worker starts
+    for name in ("RECONTRAST_ARTIFACT_ROOT", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env
@@ -106,9 +135,7 @@ def run_pairs(jobs: Sequence[Job], execute: Callable[[Job], Any], options: RayOp
                     env["MLFLOW_TRACKING_URI"])
     started = not ray.is_initialized()
     if started:
-        per_pair = task_resources(jobs[0], options.cpus, options.gpus)["num_cpus"]
-        ray.init(address=address or None, num_cpus=None if address else max(1, round(local_pairs * per_pair)),
-                 include_dashboard=False, configure_logging=False)
+        _init(ray, options, jobs, local_pairs)
     try:
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         task = ray.remote(_run_pair)
@@ -130,6 +157,63 @@ def run_pairs(jobs: Sequence[Job], execute: Callable[[Job], Any], options: RayOp
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def connected(options: RayOptions, jobs: Sequence[Job], local_pairs: int = 1):
+    """Runs the block joined to Ray (options.address, or a local instance with the CPUs of
+    `local_pairs` pairs), within options.timeout_s; shuts Ray down after it. A cluster that
+    does not answer raises ConfigError before the block (no record is opened)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield
+        return
+    _init(ray, options, jobs, local_pairs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _init(ray, options: RayOptions, jobs: Sequence[Job], local_pairs: int) -> None:
+    """Calls ray.init with a deadline: a host:port nobody listens on is refused in seconds,
+    and joining a cluster that does not return within options.timeout_s raises ConfigError."""
+    address, timeout = options.address, options.timeout_s
+    fix = ("start it (`ray start --head` on that node), check --address, or run without --address "
+           "(a local Ray instance); nothing was run and no earlier run was changed")
+    match = _ADDRESS.fullmatch(address or "")
+    if match:  # Ray itself retries an absent cluster for minutes, repeating its warnings
+        host, port = match["host"].strip("[]"), int(match["port"])
+        try:
+            socket.create_connection((host, port), timeout=min(timeout, 10.0)).close()
+        except OSError as err:
+            raise ConfigError(f"the Ray cluster at {address} does not answer ({err.strerror or err}); {fix}") from None
+    per_pair = task_resources(jobs[0], options.cpus, options.gpus)["num_cpus"] if jobs else 1
+    kwargs = dict(address=address or None, num_cpus=None if address else max(1, round(local_pairs * per_pair)),
+                  include_dashboard=False, configure_logging=False)
+    if not address:  # a local instance starts its own processes: in the main thread (Ray's signal handlers)
+        ray.init(**kwargs)
+        return
+    outcome: dict[str, BaseException | None] = {}
+
+    def join() -> None:
+        try:
+            ray.init(**kwargs)
+            outcome["error"] = None
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=join, name="ray-init", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise ConfigError(f"Ray did not start or join {address or 'a local instance'} within {timeout:g} s "
+                          f"(--ray-timeout); {fix}")
+    if outcome["error"] is not None:
+        err = outcome["error"]
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"Ray could not join {address or 'a local instance'} ({type(err).__name__}: "
+                          f"{first[:300]}); {fix}") from None
 
 
 def _describe(ray, err: Exception, max_retries: int) -> str:
@@ -166,7 +250,7 @@ def _check_paths(job: Job) -> None:
     host = socket.gethostname()
     setup = "every Ray node must see the same paths (a shared filesystem, docs/scaling.md)"
     for what, path in (("the study file", Path(job.config)), ("the pair's folder", Path(job.folder)),
-                       ("the notebooks", project_root() / "notebooks")):
+                       ("the notebooks", notebook_folder())):
         if not path.exists():
             raise WorkerSetupError(f"Ray worker on {host} cannot see {what} {path}: {setup}")
     data = project_root() / load_config(job.config, job.overrides).data.root

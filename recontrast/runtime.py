@@ -8,6 +8,7 @@ import contextlib
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +66,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def project_root() -> Path:
-    """Returns the repository root when recontrast runs from a checkout, else the cwd."""
+ROOT_ENV = "RECONTRAST_ROOT"  # the project root, when given (`recontrast --root`)
+_told: set[tuple[str, str]] = set()
+
+
+def package_checkout() -> Path | None:
+    """Returns the checkout the running package comes from, or None for an installed wheel."""
     repo = Path(__file__).resolve().parents[1]
-    return repo if (repo / "pyproject.toml").is_file() else Path.cwd()
+    return repo if (repo / "pyproject.toml").is_file() else None
+
+
+def project_root() -> Path:
+    """Returns where runs, the MLflow store and relative data paths live: $RECONTRAST_ROOT,
+    else the recontrast checkout that holds the working directory (a notebook runs from its
+    notebooks/ folder), else the working directory itself. Never the package's own checkout
+    for its own sake: a second clone (or worktree) sharing a virtual environment keeps its
+    runs. Says so in one line (stderr, once) when this root is not the package's checkout."""
+    given = os.environ.get(ROOT_ENV, "").strip()
+    if given:
+        root, why = Path(given).expanduser().resolve(), f"${ROOT_ENV}"
+    else:
+        cwd = Path.cwd().resolve()
+        root = next((p for p in (cwd, *cwd.parents) if (p / "pyproject.toml").is_file() and (p / "recontrast").is_dir()),
+                    cwd)
+        why = "the working directory"
+    package = package_checkout()
+    if package is not None and package != root and (str(root), str(package)) not in _told:
+        _told.add((str(root), str(package)))
+        print(f"recontrast: project root {root} ({why}); the package runs from {package}: runs, the MLflow "
+              f"store and artifacts go under {root} (--root or ${ROOT_ENV} to choose)", file=sys.stderr, flush=True)
+    return root
+
+
+def notebook_folder() -> Path:
+    """Returns the notebooks/ the batch executes: the project root's, else the package checkout's."""
+    here = project_root() / "notebooks"
+    package = package_checkout()
+    return here if here.is_dir() or package is None else package / "notebooks"
 
 
 def process_start(pid: int) -> str:

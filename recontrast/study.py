@@ -18,18 +18,20 @@ import difflib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from recontrast.config import PLACEMENT_KEYS, Config, ConfigError, load_config
+from recontrast.config import NON_RESULT_KEYS, PLACEMENT_KEYS, Config, ConfigError, load_config, show
 from recontrast.mlflow_store import tracking_uri
 from recontrast.runtime import project_root
 
 log = logging.getLogger(__name__)
 
+SUPERSEDED_TAG = "superseded_by"  # on a pair's run that a rerun of the pair replaced: the new run's id
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
 
 
@@ -63,6 +65,23 @@ class Job:
     track: bool = True
     parent_run_id: str | None = None
     resume: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # result_config: what a rerun compares
+    replaces: str = ""  # the run of this pair's earlier result, when a rerun replaces it
+    replace_reason: str = ""
+
+
+# A study or variant name becomes a folder (experiments/runs/<study>/<variant>) and a value in
+# MLflow filter strings: letters, digits, '_', '-' and '.', starting with a letter or digit.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_name(name: str, what: str) -> str:
+    """Returns `name` when it is a valid study or variant name; raises ConfigError naming the
+    allowed characters otherwise."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"{what} {show(name)} is not a valid name: use letters, digits, '_', '-' and '.' "
+                          f"(at most 100, starting with a letter or digit), e.g. obrien_v2")
+    return name
 
 
 def load_study(path: str | Path) -> Study:
@@ -75,8 +94,10 @@ def load_study(path: str | Path) -> Study:
                           f"see experiments/ablation_da_sg.yaml")
     variants = block.get("variants") or {"full": {}}
     if not isinstance(variants, dict):
-        raise ConfigError(f"{path}: study.variants must map a name to overrides, got {variants!r}")
-    return Study(name=str(block.get("name") or path.stem), path=path.resolve(),
+        raise ConfigError(f"{path}: study.variants must map a name to overrides, got {show(variants)}")
+    for variant in variants:
+        check_name(str(variant), f"{path}: study.variants:")
+    return Study(name=check_name(str(block.get("name") or path.stem), f"{path}: study.name"), path=path.resolve(),
                  categories=[str(c) for c in block.get("categories") or []],
                  variants={str(k): _as_overrides(v, f"{path}: study.variants.{k}") for k, v in variants.items()})
 
@@ -95,7 +116,7 @@ def _as_overrides(value: Any, where: str) -> list[str]:
         return [f"{k}={v if isinstance(v, str) else _yaml_scalar(v)}" for k, v in value.items()]
     if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
         return list(value)
-    raise ConfigError(f"{where}: expected {{dotted.key: value}} or ['key=value', ...], got {value!r}")
+    raise ConfigError(f"{where}: expected {{dotted.key: value}} or ['key=value', ...], got {show(value)}")
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -114,11 +135,25 @@ def _pick(requested: Sequence[str] | None, available: list[str], what: str) -> l
     return list(requested)
 
 
+def result_config(cfg: Config) -> dict[str, Any]:
+    """Returns the flattened config less the keys that cannot change a result: where it runs
+    (PLACEMENT_KEYS) and what is logged (NON_RESULT_KEYS). What the fingerprint hashes."""
+    return {k: v for k, v in cfg.flatten().items() if k not in PLACEMENT_KEYS and k not in NON_RESULT_KEYS}
+
+
 def fingerprint(cfg: Config) -> str:
-    """Returns a short hash of what decides a result (the config minus paths and tracking)."""
-    flat = {k: v for k, v in cfg.flatten().items()
-            if not k.startswith("tracking.") and k not in PLACEMENT_KEYS}
-    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Returns a short hash of what decides a result (result_config)."""
+    return hashlib.sha1(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def changed_keys(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+    """Returns 'key: old -> new, ...' between two result_configs (json round-tripped), or a
+    note when the earlier one was not recorded."""
+    if not before:
+        return "the settings it finished with were not recorded"
+    after = json.loads(json.dumps(after, default=str))
+    keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return ", ".join(f"{k}: {show(before.get(k), 30)} -> {show(after.get(k), 30)}" for k in keys) or "none"
 
 
 def plan(study: Study, categories: Sequence[str] | None = None, variants: Sequence[str] | None = None,
@@ -140,7 +175,8 @@ def plan(study: Study, categories: Sequence[str] | None = None, variants: Sequen
             ovr = [*study.variants[variant], *(overrides or [])]
             cfg = load_config(study.path, [*ovr, *_given(study.name, variant, category, folder)])
             jobs.append(Job(study.name, variant, category, str(study.path), ovr, str(folder), fingerprint(cfg),
-                            tracking_uri(cfg), cfg.tracking.enabled))
+                            tracking_uri(cfg), cfg.tracking.enabled,
+                            settings=json.loads(json.dumps(result_config(cfg), default=str))))
     return jobs
 
 
@@ -159,7 +195,6 @@ def study_status(job: Job, force: bool) -> str:
         done = json.loads((folder / "done.json").read_text())
         if done.get("fingerprint") == job.fingerprint:
             return PairStatus.DONE
-        log.info("%s/%s: config changed since it finished; running it again", job.variant, job.category)
     except (OSError, ValueError):
         pass
     try:

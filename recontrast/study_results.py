@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from recontrast import tracking
-from recontrast.mlflow_store import RunStatus, Tag, experiment_id, get_client, retry
-from recontrast.study import METRICS, load_study, switches
+from recontrast.mlflow_store import RunStatus, Tag, experiment_id, get_client, quote, retry
+from recontrast.study import METRICS, SUPERSEDED_TAG, load_study, switches
 
 
 def _experiment_ids(client, experiment: str | None) -> list[str]:
@@ -34,12 +34,12 @@ def study_results(study: str, experiment: str | None = None, uri: str | None = N
     experiments = _experiment_ids(client, experiment)
     runs, parent = [], None
     for i in range(0, len(experiments), 100):
-        for run in client.search_runs(experiments[i:i + 100], f"tags.{Tag.STUDY} = '{study}'", max_results=5000,
+        for run in client.search_runs(experiments[i:i + 100], f"tags.{Tag.STUDY} = {quote(study)}", max_results=5000,
                                       order_by=["attributes.start_time DESC"]):
             if run.data.tags.get(Tag.ROLE) == Tag.ROLE_STUDY:
                 parent = parent or run.data.tags  # the latest parent run
-            elif not run.data.tags.get(Tag.ROLE):  # not a comparison run
-                runs.append(run)
+            elif not run.data.tags.get(Tag.ROLE) and not run.data.tags.get(SUPERSEDED_TAG):
+                runs.append(run)  # a pair's run (not a comparison run), not replaced by a rerun of its pair
     columns = _switches(parent or {})
     rows = []
     for run in runs:
@@ -134,7 +134,7 @@ def study_summary_metrics(frame, baseline: str = "full", metrics: Sequence[str] 
 
 def _parent_run_id(client, experiments: list[str], study: str) -> str | None:
     """Returns the id of the latest parent run of `study` (tags recontrast_role=study), or None."""
-    found = client.search_runs(experiments, f"tags.{Tag.ROLE} = '{Tag.ROLE_STUDY}' and tags.{Tag.STUDY} = '{study}'",
+    found = client.search_runs(experiments, f"tags.{Tag.ROLE} = '{Tag.ROLE_STUDY}' and tags.{Tag.STUDY} = {quote(study)}",
                                max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
     return found[0].info.run_id if found else None
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import numbers
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import psutil
 from scipy import ndimage
 
 CATEGORIES: tuple[str, ...] = ("weave", "grain", "disc", "bar", "mesh", "board")
@@ -395,25 +397,51 @@ def generate(out, size: int = 256, n_train: int = 200, n_test_good: int = 20,
     _check_arguments(root, cats, size, n_train, n_test_good, n_test_defect, seed)
     ours = _is_ours(root)
     for c in cats:
-        if (root / c).exists():
-            if not ours:
-                raise FileExistsError(f"{root / c} exists and was not written by {_MARKER}; pick another --out")
-            shutil.rmtree(root / c)
-    root.mkdir(parents=True, exist_ok=True)
+        if (root / c).exists() and not ours:
+            raise FileExistsError(f"{root / c} exists and was not written by {_MARKER}; pick another --out")
+    # Categories are written into a staging folder beside `root` and renamed into place when
+    # complete, after the marker: a generator killed part-way leaves no half category and no
+    # unmarked folder for the next run to refuse (that run removes the dead staging folder).
+    _remove_dead_stages(root)
+    stage = root.parent / f".{root.name}.synth-{os.getpid()}"
     width = max(3, len(str(max(n_train, n_test_good, n_test_defect) - 1)))
-    for c in cats:
-        base = root / c
-        for split, kind, n in (("train", "train", n_train), ("test", "good", n_test_good)):
-            for i in range(n):
-                _save(render(c, kind, i, size, seed)[0], base / split / "good" / f"{i:0{width}d}.png")
-        for d in DEFECTS[c]:
-            for i in range(n_test_defect):
-                image, mask = _defect_sample(c, d, i, size, seed)
-                _save(image, base / "test" / d / f"{i:0{width}d}.png")
-                _save(mask.astype(np.uint8) * 255, base / "ground_truth" / d / f"{i:0{width}d}_mask.png")
+    try:
+        for c in cats:
+            base = stage / c
+            for split, kind, n in (("train", "train", n_train), ("test", "good", n_test_good)):
+                for i in range(n):
+                    _save(render(c, kind, i, size, seed)[0], base / split / "good" / f"{i:0{width}d}.png")
+            for d in DEFECTS[c]:
+                for i in range(n_test_defect):
+                    image, mask = _defect_sample(c, d, i, size, seed)
+                    _save(image, base / "test" / d / f"{i:0{width}d}.png")
+                    _save(mask.astype(np.uint8) * 255, base / "ground_truth" / d / f"{i:0{width}d}_mask.png")
+        root.mkdir(parents=True, exist_ok=True)
+        if not ours:
+            _write_atomic(root / "summary.json", json.dumps({"generator": _MARKER}) + "\n")
+        for c in cats:
+            if (root / c).exists():
+                os.replace(root / c, stage / f"{c}.old")
+            os.replace(stage / c, root / c)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     _write_info(root, dict(size=size, n_train=n_train, n_test_good=n_test_good,
                            n_test_defect=n_test_defect, seed=seed))
     return root
+
+
+def _remove_dead_stages(root: Path) -> None:
+    """Removes the staging folders of generators that were killed (their process is gone)."""
+    for stage in root.parent.glob(f".{root.name}.synth-*") if root.parent.is_dir() else ():
+        pid = stage.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):  # psutil: `synth` needs no torch
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px defects no longer fit reliably
@@ -451,13 +479,13 @@ def _write_info(root: Path, params: dict) -> None:
     info = {"generator": _MARKER, **params,
             "categories": {c: {"kind": KINDS.get(c, "?"), "defects": list(DEFECTS.get(c, ())),
                                "counts": counts[c]} for c in counts}}
-    (root / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
+    _write_atomic(root / "summary.json", json.dumps(info, indent=2) + "\n")
     lines = [f"Synthetic anomaly-detection dataset written by {_MARKER}.generate({params}).",
              "Layout as MVTec AD: <category>/train/good, test/good, test/<defect>,",
              "ground_truth/<defect>/<stem>_mask.png (0/255: exactly the pixels the defect changed).",
              "Regenerate with `recontrast synth`; the same seed gives byte-identical files.", ""]
     lines += [f"{c} ({KINDS.get(c, '?')}): {_format_counts(counts[c])}" for c in counts]
-    (root / "README.txt").write_text("\n".join(lines) + "\n")
+    _write_atomic(root / "README.txt", "\n".join(lines) + "\n")
 
 
 def summarize(root) -> dict:

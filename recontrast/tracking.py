@@ -13,12 +13,14 @@ This module only talks to MLflow; `recontrast.pipeline` decides what to log and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import re
 import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -29,7 +31,8 @@ from typing import Any, Callable, Iterator
 from recontrast import mlflow_model
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import Config, from_dict
-from recontrast.mlflow_store import STALE_RUN, RunStatus, Tag, experiment_id, find_run, get_client, retry, write_run_id
+from recontrast.mlflow_store import (STALE_RUN, RunStatus, StoreUnreachable, Tag, check_reachable, experiment_id,
+                                     find_run, get_client, retry, write_run_id)
 from recontrast.runtime import process_identity, project_root
 from recontrast.train import DIVERGED, LOSS_RISING, Callback, TrainResult
 
@@ -278,6 +281,11 @@ class MLflowCallback(Callback):
     then passed its checks (batch size, backbone), so a config that cannot work leaves no run.
     Metrics are buffered and written in batches (every `flush_every_s` seconds, at each
     eval/checkpoint and at the end) to keep writes to a shared sqlite file few.
+
+    A tracking server that stops answering (MLflow's retries spent: tracking.timeout_s) does
+    not stop training: the writes are held, one line says so, and they are written in order
+    once the server answers again (a second line says so). If it is still down when training
+    ends, StoreUnreachable names the checkpoint and how to go on.
     """
 
     def __init__(self, run: Run | Callable[[], Run], flush_every_s: float = 10.0):
@@ -288,14 +296,18 @@ class MLflowCallback(Callback):
         self._last_flush = time.monotonic()
         self._last_step = 0
         self.warnings: list[str] = []
+        self._held: list[Callable[[], Any]] = []  # writes held while the tracking server does not answer
+        self._down_since: float | None = None
+        self._timeout_s, self._folder = 60.0, Path("train.out")
 
     def on_start(self, cfg: Config, model, start_iteration: int) -> None:
         if self.run is None:
             self.run = self._open()
+        self._timeout_s, self._folder = cfg.tracking.timeout_s, Path(cfg.train.out)
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.run.set_tags({"model.parameters": n_all, "model.trainable_parameters": n_train,
-                           "start_iteration": start_iteration})
+        self._write(self.run.set_tags, {"model.parameters": n_all, "model.trainable_parameters": n_train,
+                                        "start_iteration": start_iteration})
 
     def _add(self, metrics: dict[str, Any], step: int, prefix: str) -> None:
         from mlflow.entities import Metric
@@ -304,16 +316,61 @@ class MLflowCallback(Callback):
         self._buffer += [Metric(k, v, now, step) for k, v in flat_metrics(metrics, prefix).items()]
         self._last_step = step
 
+    # -- writes that survive a tracking server going away
+    def _write(self, fn: Callable, *args, **kwargs) -> None:
+        """Does one write to the run, after the ones held back; holds it while the server is down."""
+        self._held.append(functools.partial(fn, *args, **kwargs))
+        self._drain()
+
+    def _drain(self) -> bool:
+        """Writes the held writes in order; returns False (and keeps them) while the server is down."""
+        uri = self.run.client.tracking_uri
+        if self._down_since is not None:
+            try:  # seconds, not MLflow's retries, to learn it is still down
+                check_reachable(uri)
+            except StoreUnreachable:
+                return False
+        while self._held:
+            try:
+                with _quiet_retries():
+                    self._held[0]()
+            except Exception:
+                try:
+                    check_reachable(uri)
+                except StoreUnreachable:
+                    self._went_down(uri)
+                    return False
+                raise  # the server answers: a real error
+            self._held.pop(0)
+        if self._down_since is not None:
+            print(f"MLflow tracking server {uri} answers again after {time.monotonic() - self._down_since:.0f} s: "
+                  f"the metrics held meanwhile are logged to run {self.run.run_id}", file=sys.stderr, flush=True)
+            self._down_since = None
+        return True
+
+    def _went_down(self, uri: str) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        folder = self._folder
+        print(f"MLflow tracking server {uri} does not answer (since iteration {self._last_step}, "
+              f"tracking.timeout_s={self._timeout_s:g}): training continues, its metrics are held and logged "
+              f"when the server answers again; if it is still down when training ends, the run stops with its "
+              f"checkpoint in {folder} (recontrast evaluate --checkpoint {folder}/last.ckpt logs it later)",
+              file=sys.stderr, flush=True)
+
     def flush(self) -> None:
         """Writes the buffered metrics (plus a heartbeat for `fix_stale_runs`) in one batch."""
         from mlflow.entities import Metric
 
-        if self.run is None or not self._buffer:
+        if self.run is None or not (self._buffer or self._held):
             return
-        beat = Metric("system/heartbeat", float(self._last_step), int(time.time() * 1000), self._last_step)
-        self._buffer.append(beat)
-        retry(self.run.client.log_batch, self.run.run_id, metrics=self._buffer)
-        self._buffer, self._last_flush = [], time.monotonic()
+        if self._buffer:
+            beat = Metric("system/heartbeat", float(self._last_step), int(time.time() * 1000), self._last_step)
+            batch, self._buffer = [*self._buffer, beat], []
+            self._held.append(functools.partial(retry, self.run.client.log_batch, self.run.run_id, metrics=batch))
+        self._drain()
+        self._last_flush = time.monotonic()
 
     def on_log(self, iteration: int, metrics: dict[str, float]) -> None:
         self._add(metrics, iteration, "train/")
@@ -329,8 +386,8 @@ class MLflowCallback(Callback):
         tags = {"warning": message[:7000]}
         if kind in (LOSS_RISING, DIVERGED):
             tags[kind] = "true"
-        self.run.set_tags(tags)
-        self.run.log_text("\n\n".join(self.warnings) + "\n", "warnings.txt")
+        self._write(self.run.set_tags, tags)
+        self._write(self.run.log_text, "\n\n".join(self.warnings) + "\n", "warnings.txt")
 
     def before_checkpoint(self, iteration: int) -> None:
         # A kill right after the checkpoint is written resumes from it: the metrics up to it
@@ -339,14 +396,39 @@ class MLflowCallback(Callback):
 
     def on_checkpoint(self, iteration: int, path: Path) -> None:
         path = Path(path).resolve()
-        self.run.set_tags({Tag.CHECKPOINT: str(path), "checkpoint_iteration": iteration})
+        self._write(self.run.set_tags, {Tag.CHECKPOINT: str(path), "checkpoint_iteration": iteration})
         write_run_id(path.parent, self.run.run_id)
         self.flush()
 
     def on_end(self, result: TrainResult) -> None:
         self._add({"iterations": result.iterations}, result.iterations, "train/")
+        self._write(self.run.set_tags, {LOSS_RISING: str(bool(result.loss_rising)).lower()})
         self.flush()
-        self.run.set_tags({LOSS_RISING: str(bool(result.loss_rising)).lower()})
+        deadline = time.monotonic() + self._timeout_s
+        while self._held and time.monotonic() < deadline:  # a restart in progress: wait for it a little
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            self._drain()
+        if self._held:
+            raise StoreUnreachable(
+                f"the MLflow tracking server {self.run.client.tracking_uri} has not answered for "
+                f"{time.monotonic() - (self._down_since or time.monotonic()):.0f} s: training finished "
+                f"({result.iterations} iterations, checkpoint {result.checkpoint}) but the metrics since "
+                f"it went down are not logged; start the server, then evaluate and log the model: "
+                f"recontrast evaluate --checkpoint {result.checkpoint}")
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """Hides urllib3's line per retried request while a write is tried: the callback says in
+    one line when the server is down, not in one per attempt."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 
 def log_evaluation(result, checkpoint: str | Path, run_id: str | None = None, uri: str | None = None,
                    step: int = 0, log_checkpoint: bool = False) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import typing
 from typing import Any, Literal
 
@@ -17,8 +18,21 @@ class ConfigError(ValueError):
     """A configuration problem, raised before any work starts; the message names the fix."""
 
 
+# The repr an error echoes is built by a bounded walk: a YAML alias structure (a list of
+# lists of the same list, ...) has a full repr that grows tenfold per level; this one stops
+# after 3 levels and 6 items per container, so its cost is bounded whatever the value.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 60
+for _kind in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_SHOWN, _kind, 6)
+
+
 def show(value: Any, limit: int = 60) -> str:
-    """Returns repr(value), cut to `limit` characters: errors echo what was given, never all of it."""
+    """Returns repr(value), cut to `limit` characters: errors echo what was given, never all of
+    it, and a container's repr is built by the bounded walk _SHOWN, never in full."""
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        text = _SHOWN.repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}..."
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
@@ -38,6 +52,8 @@ def check_level_weights(weights, name: str = "level_weights") -> None:
         raise ConfigError(f"{name} must be >= 0 and not all 0, got {list(weights)}")
 
 
+MAX_INT = 2**31 - 1  # every integer key (torch and numpy take it), the seeds included
+
 # Ranges of the numeric keys: (low, high, low included, high included); None = unbounded.
 # validate() checks every one, so nothing out of range reaches training or evaluation.
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
@@ -53,7 +69,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.betas": (0, 1, True, False),
     "train.weight_decay": (0, None, True, False),
     "train.eps": (0, None, False, False),
-    "train.seed": (0, 2**32, True, False),
+    "train.seed": (0, MAX_INT + 1, True, False),
     "train.threads": (0, None, True, False),
     "train.cache_features_gb": (0, None, False, False),
     "train.reset_every": (1, None, True, False),
@@ -68,14 +84,14 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "eval.num_bins": (2, 2**24, True, True),
     "eval.pro_fpr_limit": (0, 1, False, True),
     "eval.threshold_quantile": (0, 1, True, True),
-    "eval.proxy_seed": (0, 2**32, True, False),
+    "eval.proxy_seed": (0, MAX_INT + 1, True, False),
+    "tracking.timeout_s": (0, 86400, False, True),
 }
 # Keys that must not be empty: each names a file, a folder, a model or an MLflow experiment.
 _REQUIRED = ("data.root", "data.category", "model.backbone", "model.pretrained", "train.out",
              "tracking.experiment")
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda|xpu)(:\d+)?")
 MAX_IMAGE_SIZE = 4096
-MAX_INT = 2**31 - 1
 
 
 def _range_text(low, high, low_in: bool, high_in: bool) -> str:

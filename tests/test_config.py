@@ -87,7 +87,7 @@ BAD_VALUES = {
     "tracking.experiment=": r"tracking\.experiment is empty",
     "train.out=": r"train\.out is empty",
     "train.reset_every=0": r"train\.reset_every=0: must be >= 1",
-    "train.seed=-1": r"train\.seed=-1: must be in \[0, 4294967296\)",
+    "train.seed=-1": r"train\.seed=-1: must be in \[0, 2147483648\)",
     "train.iters=[": r"train\.iters: expected an integer, got '\['",
     "eval.sigma=-1": r"eval\.sigma=-1\.0: must be in \[0, 64\]",
     "eval.threshold_quantile=2": r"eval\.threshold_quantile=2\.0: must be in \[0, 1\]",

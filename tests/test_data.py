@@ -107,7 +107,7 @@ def test_missing_category_lists_what_exists(synthetic_root):
 def test_empty_train_good(tmp_path):
     (tmp_path / "c" / "train" / "good").mkdir(parents=True)
     (tmp_path / "c" / "train" / "good" / "notes.txt").write_text("x")
-    with pytest.raises(EmptySplit, match="train/good' is empty"):
+    with pytest.raises(EmptySplit, match=r"train/good' holds no image but 1 other entry \(notes\.txt\)"):
         MVTecDataset(tmp_path, "c", "train")
 
 
