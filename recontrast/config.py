@@ -209,6 +209,7 @@ PLACEMENT_KEYS = ("train.out", "train.device", "train.threads", "train.sync_bn")
 # Keys that only change what is logged or kept on the side, never a weight or a metric: a
 # study's fingerprint leaves them out too, so changing one does not retrain finished pairs.
 NON_RESULT_KEYS = frozenset({"train.log_every", "train.checkpoint_every", "train.reuse_cpu_memory", "data.cache",
+                             "train.cache_features", "train.cache_features_gb",  # bit-identical either way
                              "eval.figures", "eval.gif"} |
                             {f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)})
 
