@@ -120,7 +120,7 @@ def test_exit_status_and_stderr_of_a_failing_command(tmp_path, debug):
     assert proc.returncode != 0
     if debug is None:
         assert proc.stderr.strip().splitlines() == [
-            "recontrast synth: ValueError: unknown synthetic categories 'foo'; choose from weave, grain, disc, bar"]
+            "recontrast synth: ValueError: unknown synthetic categories 'foo'; choose from weave, grain, disc, bar, mesh, board"]
     else:
         assert "Traceback (most recent call last)" in proc.stderr and "unknown synthetic categories" in proc.stderr
     assert not (tmp_path / "s").exists()

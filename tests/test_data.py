@@ -100,7 +100,7 @@ def test_missing_root_says_how_to_get_data(tmp_path):
 
 
 def test_missing_category_lists_what_exists(synthetic_root):
-    with pytest.raises(CategoryNotFound, match="no folder 'disk' .*did you mean 'disc'.*found: bar, disc, grain, weave"):
+    with pytest.raises(CategoryNotFound, match="no folder 'disk' .*did you mean 'disc'.*found: bar, board, disc, grain, mesh, weave"):
         MVTecDataset(synthetic_root, "disk", "train")
 
 
