@@ -43,7 +43,10 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ip $(HOST) --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # MLflow UI over the local store (sqlite + mlruns/artifacts) unless MLFLOW_TRACKING_URI is set.
+# MLflow 3 opens in its GenAI view (traces); the runs, metrics and models are in the ML view.
 ui: $(STAMP)
+	@echo "MLflow UI, machine-learning view: http://$(HOST):5000/#/experiments?workflowType=machine_learning"
+	@echo "  (\`recontrast batch\` prints the link to a study's runs)"
 	$(VENV)/bin/mlflow ui --host $(HOST) --port 5000 \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
 	  --default-artifact-root ./mlruns/artifacts
