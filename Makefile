@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 
-.PHONY: install test demo lab ui bench synth clean lint strip-notebooks postgres postgres-stop server
+.PHONY: install test demo lab ui bench synth clean lint strip-notebooks postgres postgres-stop server serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host $(HOST) --port 5000 \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
 	  --default-artifact-root ./mlruns/artifacts
+
+# A logged or registered model as a REST service (README "Serve a model"):
+#   make serve MODEL=models:/weave/1   then POST images to http://$(HOST):$(SERVE_PORT)/invocations
+# MLflow starts `uvicorn` by name, so the venv's scripts go on PATH.
+MODEL ?=
+SERVE_PORT ?= 5001
+serve: $(STAMP)
+	@test -n "$(MODEL)" || { echo "make serve MODEL=models:/<name>/<version> (recontrast register prints it)"; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlruns/mlflow.db} \
+	  $(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local --host $(HOST) --port $(SERVE_PORT)
 
 # One tracking server for a team (docs/scaling.md): MLflow on PostgreSQL, artifacts proxied by
 # the server into MLFLOW_ARTIFACTS. Clients: MLFLOW_TRACKING_URI=http://127.0.0.1:5000 recontrast ...

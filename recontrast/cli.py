@@ -95,19 +95,40 @@ def _train(args: argparse.Namespace) -> None:
                evaluate=True)
 
 
+def _model_checkpoint(args: argparse.Namespace, folder: Path) -> str:
+    """Returns --checkpoint, or the checkpoint of --model when it names an MLflow model
+    (models:/<name>/<version>, a run id), downloaded into `folder`."""
+    from recontrast.mlflow_model import is_model_reference, model_checkpoint
+
+    if is_model_reference(args.model):
+        if args.checkpoint:
+            raise ConfigError(f"give --checkpoint or --model {args.model}, not both")
+        checkpoint = model_checkpoint(args.model, folder)
+        print(f"{args.model}: {checkpoint}")
+        args.model = None
+        return str(checkpoint)
+    if not args.checkpoint:
+        raise ConfigError("give --checkpoint <file.ckpt> or --model models:/<name>/<version> (or a run id)")
+    return args.checkpoint
+
+
 def _evaluate(args: argparse.Namespace) -> None:
+    import tempfile
+
     from recontrast.pipeline import run_evaluation
 
-    run_evaluation(
-        args.checkpoint, data_root=args.data, category=args.category, out=args.out,
-        overrides=args.set, track=not args.no_track,
-    )
+    with tempfile.TemporaryDirectory(prefix="recontrast-model-") as tmp:  # a downloaded model's weights
+        run_evaluation(
+            _model_checkpoint(args, Path(tmp)), data_root=args.data, category=args.category, out=args.out,
+            overrides=args.set, track=not args.no_track,
+        )
 
 
 def _predict(args: argparse.Namespace) -> None:
     from recontrast.infer import main_predict
 
-    rows = main_predict(args.checkpoint, args.inputs, out=args.out, threshold=args.threshold,
+    checkpoint = _model_checkpoint(args, Path(args.out) / "model")
+    rows = main_predict(checkpoint, args.inputs, out=args.out, threshold=args.threshold,
                         runtime=args.runtime, int8=args.int8, model_path=args.model, threads=args.threads,
                         data_root=args.data)
     if not any(not r.get("error") for r in rows):  # a script must see that nothing was scored
@@ -142,10 +163,11 @@ def _batch(args: argparse.Namespace) -> None:
 
 
 def _register(args: argparse.Namespace) -> None:
-    from recontrast.mlflow_model import register
+    from recontrast.mlflow_model import RUN_ID, find_run_by_name, register
 
-    version = register(args.run, args.name)
-    print(f"registered run {args.run}'s model as models:/{version.name}/{version.version}")
+    run_id = args.run if RUN_ID.match(args.run) else find_run_by_name(args.run, args.study)
+    version = register(run_id, args.name)
+    print(f"registered run {run_id}'s model as models:/{version.name}/{version.version}")
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -191,16 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
-    p = add("evaluate", _evaluate, "evaluate a checkpoint on a test split")
-    p.add_argument("--checkpoint", required=True)
+    p = add("evaluate", _evaluate, "evaluate a checkpoint (or an MLflow model) on a test split")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint file (last.ckpt, best.ckpt)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="instead of --checkpoint: an MLflow model, models:/<name>/<version> (registered), "
+                        "models:/<model id>, or a training run's id")
     p.add_argument("--data", default=None, help="dataset root (default: the checkpoint's)")
     p.add_argument("--category", default=None)
     p.add_argument("--out", default=None, help="folder for metrics and figures")
     overrides(p)
     p.add_argument("--no-track", action="store_true")
 
-    p = add("predict", _predict, "score new images with a trained checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p = add("predict", _predict, "score new images with a trained checkpoint or an MLflow model")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint file (last.ckpt, best.ckpt)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", default="preds")
     p.add_argument("--threshold", type=THRESHOLD, default="normal",
@@ -210,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported beside the checkpoint on first use)")
     p.add_argument("--int8", action="store_true",
                    help="the int8 model (onnx/openvino), calibrated on the checkpoint's training images")
-    p.add_argument("--model", default=None, help="an exported model to run (from `recontrast export`)")
+    p.add_argument("--model", default=None,
+                   help="an MLflow model instead of --checkpoint: models:/<name>/<version> (registered), "
+                        "models:/<model id> or a training run's id (downloaded into <out>/model); or, with "
+                        "--checkpoint, an exported model to run (from `recontrast export`)")
     p.add_argument("--threads", type=POSITIVE, default=None, help="onnx/openvino threads (default: all cores)")
     p.add_argument("--data", default=None, help="dataset root of the int8 calibration images (default: the checkpoint's)")
 
@@ -252,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
 
     p = add("register", _register, "register a run's MLflow model (models:/<name>/<version>)")
-    p.add_argument("--run", required=True, help="the MLflow run id (of an evaluated training run)")
+    p.add_argument("--run", required=True,
+                   help="the MLflow run id of an evaluated training run, or its name ('<variant>-<category>', "
+                        "with --study when several studies have one)")
+    p.add_argument("--study", default=None, help="the study the run named by --run belongs to")
     p.add_argument("--name", required=True, help="the registered model's name, e.g. the category")
 
     p = add("runs", _runs, "maintain the MLflow store")
