@@ -151,12 +151,11 @@ def test_the_children_carry_variant_category_study_tags_and_the_switches_as_para
         assert child["info"]["run_name"] == f"{tags['variant']}-weave"
         assert {d["dataset"]["name"] for d in child["inputs"]["dataset_inputs"]} == {
             "weave/train", "weave/val", "weave/test"}
-        assert child["outputs"]["model_outputs"]  # the logged MLflow model 'detector'
+        assert child["outputs"]["model_outputs"]  # the logged MLflow model '<variant>-weave'
 
 
 def test_the_filter_strings_of_the_ui_page_select_what_they_say(ui, study):
     """The strings README.md ("Compare ablations in the MLflow UI") tells a reader to type into the UI's search box."""
-    report = study[1]
     names = lambda runs: sorted(r["info"]["run_name"] for r in runs)  # noqa: E731
     assert names(search(ui, f"tags.study = '{STUDY}'")) == ["full-weave", "no_da-weave", f"study:{STUDY}"]
     assert names(search(ui, f"tags.study = '{STUDY}' and tags.variant = 'no_da'")) == ["no_da-weave"]
