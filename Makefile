@@ -25,9 +25,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recontrast tests benchmarks notebooks
 
-# The notebooks are the source: run this before committing one you executed in JupyterLab.
+# The notebooks are the source: run this before committing one you executed in JupyterLab
+# (or `pre-commit install` once: .pre-commit-config.yaml runs the same on every commit).
+NBSTRIPOUT_ARGS := --keep-id --extra-keys "metadata.language_info.codemirror_mode metadata.language_info.file_extension metadata.language_info.mimetype metadata.language_info.nbconvert_exporter metadata.language_info.pygments_lexer metadata.language_info.version metadata.papermill cell.metadata.papermill"
 strip-notebooks: $(STAMP)
-	$(VENV)/bin/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+	$(VENV)/bin/nbstripout $(NBSTRIPOUT_ARGS) notebooks/*.ipynb
 
 demo: $(STAMP)
 	$(VENV)/bin/recontrast demo
