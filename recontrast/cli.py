@@ -88,9 +88,29 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"synthetic dataset written to {root}")
 
 
+def _print_config(args: argparse.Namespace) -> None:
+    """Prints the resolved config as YAML, then what each override changed, in order."""
+    from recontrast.config import config_diff, load_config
+
+    overrides = [*args.set, *([f"train.out={args.out}"] if args.out else [])]
+    cfg = load_config(args.config, overrides)
+    print(cfg.to_yaml().rstrip())
+    print(f"# {args.config}" + (", then each override:" if overrides else ", no override"))
+    before = load_config(args.config)
+    for i, override in enumerate(overrides):
+        after = load_config(args.config, overrides[:i + 1])
+        changed = config_diff(before, after)
+        what = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        print(f"#   {override}: {what or 'no change (the value was already so)'}")
+        before = after
+
+
 def _train(args: argparse.Namespace) -> None:
     from recontrast.pipeline import main_train
 
+    if args.print_config:
+        _print_config(args)
+        return
     main_train(args.config, args.set, out=args.out, resume=args.resume, track=not args.no_track,
                evaluate=True)
 
@@ -158,6 +178,7 @@ def _batch(args: argparse.Namespace) -> None:
     report = run_study(
         args.study, categories=args.categories, jobs=args.jobs, force=args.force,
         overrides=args.set, variants=args.variants, register=args.register, ray=ray,
+        compare=not args.no_compare,
     )
     sys.exit(0 if report.ok else 1)
 
@@ -183,8 +204,21 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(quick=args.quick)
 
 
+def _version() -> str:
+    """Returns the installed distribution's version (the package's own when not installed)."""
+    from importlib import metadata
+
+    from recontrast import __version__
+
+    try:
+        return metadata.version("recontrast")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="recontrast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"recontrast {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or RECONTRAST_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -212,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (overrides train.out)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and what each override changed, then stop (trains nothing)")
 
     p = add("evaluate", _evaluate, "evaluate a checkpoint (or an MLflow model) on a test split")
     p.add_argument("--checkpoint", default=None, help="a checkpoint file (last.ckpt, best.ckpt)")
@@ -257,11 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
                    help="default: the size the checkpoint was calibrated (or trained) at")
 
-    p = add("batch", _batch, "run a study: papermill executions per (variant, category)")
-    p.add_argument("--study", required=True)
-    p.add_argument("--categories", nargs="*", default=["all"])
-    p.add_argument("--variants", nargs="*", default=None)
-    p.add_argument("--jobs", type=POSITIVE, default=1)
+    p = add("batch", _batch, "run a study: papermill executions per (variant, category), then the "
+                             "comparison (notebook 04, the delta table, the MLflow UI link)")
+    p.add_argument("--study", required=True, help="a study file: a config with a study: section (experiments/*.yaml)")
+    p.add_argument("--categories", nargs="*", default=["all"],
+                   help="the categories to run (default: all of the study's study.categories)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="the variants to run (default: all of the study's study.variants)")
+    p.add_argument("--jobs", type=POSITIVE, default=1,
+                   help="pairs run at once (one process each, GPUs shared round-robin)")
     p.add_argument("--force", action="store_true", help="redo finished (variant, category) pairs")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: processes on this machine (--jobs at once); ray: one Ray task per pair "
@@ -277,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray's retries of a pair whose worker died (it resumes from its checkpoint)")
     p.add_argument("--register", default=None, metavar="VARIANT",
                    help="register this variant's models, one registered model per category")
+    p.add_argument("--no-compare", action="store_true",
+                   help="end without the comparison (notebook 04, deltas.csv/png in the study folder)")
     overrides(p)
 
     p = add("register", _register, "register a run's MLflow model (models:/<name>/<version>)")

@@ -346,3 +346,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, "
                           f"train:, ...), not {type(data).__name__} {show(data)}")
     return data
+
+
+def config_diff(base: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Returns {dotted key: (base value, cfg value)} for every key whose value differs."""
+    old, new = base.flatten(), cfg.flatten()
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
