@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from recontrast.config import ConfigError
@@ -133,8 +135,6 @@ def _model_checkpoint(args: argparse.Namespace, folder: Path) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    import tempfile
-
     from recontrast.pipeline import run_evaluation
 
     with tempfile.TemporaryDirectory(prefix="recontrast-model-") as tmp:  # a downloaded model's weights
@@ -206,8 +206,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _version() -> str:
     """Returns the installed distribution's version (the package's own when not installed)."""
-    from importlib import metadata
-
     from recontrast import __version__
 
     try:

@@ -9,6 +9,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib.figure import Figure
+
 from recontrast import tracking
 from recontrast.mlflow_store import experiment_id, get_client, retry
 from recontrast.study import METRICS, SWITCHES
@@ -136,8 +138,6 @@ def delta_table(frame, baseline: str = "full", metrics: Sequence[str] = METRICS)
 def delta_figure(table, baseline: str = "full"):
     """Returns a matplotlib Figure of delta_table: one panel per metric, a named bar per
     variant, its value in points written beside it."""
-    from matplotlib.figure import Figure
-
     n_var, n_met = len(table.index), len(table.columns)
     cols = min(4, n_met)
     rows = -(-n_met // cols)
