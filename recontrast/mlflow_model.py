@@ -18,7 +18,6 @@ import logging
 import re
 import shutil
 import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -123,16 +122,21 @@ def test_dataset(run):
     return None
 
 
-def link_metrics(client, run, model_id: str, step: int = 0) -> int:
-    """Returns how many of the run's evaluation metrics were logged again linked to model
-    `model_id` and to the run's test dataset (MLflow 3's model metrics: the Models tab shows
-    and compares them)."""
+def link_metrics(client, run, model_id: str) -> int:
+    """Returns how many of the run's evaluation metrics were linked to model `model_id` and to
+    the run's test dataset (MLflow 3's model metrics: the Models tab shows and compares them).
+
+    Each is logged again as it was (same value, step and timestamp) with the links added: the
+    store keeps one copy in the run's history, so the chart view still draws one bar per run."""
     from mlflow.entities import Metric
 
     dataset = test_dataset(run)
     link = dict(dataset_name=dataset.name, dataset_digest=dataset.digest) if dataset else {}
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, step, model_id=model_id, **link) for k, v in evaluation_metrics(run).items()]
+    metrics = []
+    for key in evaluation_metrics(run):
+        history = retry(client.get_metric_history, run.info.run_id, key)
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        metrics.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id, **link))
     if metrics:
         retry(client.log_batch, run.info.run_id, metrics=metrics)
     return len(metrics)
@@ -177,7 +181,7 @@ def log_detector(run_id: str, checkpoint: str | Path, uri: str | None = None, st
                 shutil.rmtree(cache, ignore_errors=True)
             retry(client.log_model_artifacts, model.model_id, str(Path(tmp) / "model"))
         retry(client.log_outputs, run_id, [LoggedModelOutput(model.model_id, step)])
-        link_metrics(client, run, model.model_id, step)
+        link_metrics(client, run, model.model_id)
     except BaseException:
         client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         raise

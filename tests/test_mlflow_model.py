@@ -183,6 +183,8 @@ def test_the_model_is_named_for_its_run_and_carries_the_test_metrics_linked_to_t
     for key in ("image_auroc", "aupro"):
         assert linked[key].value == pytest.approx(run.data.metrics[key])
         assert (linked[key].dataset_name, linked[key].dataset_digest) == ("weave/test", test.digest)
+        # Linked, not repeated: the run's history keeps one point (the chart view draws a bar per run).
+        assert len(client.get_metric_history(run_id, key)) == 1
 
 
 def test_predict_and_evaluate_take_a_registered_model_or_a_run_id(trained, tmp_path):
