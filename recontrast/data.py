@@ -1,4 +1,4 @@
-"""Datasets: MVTec-AD-layout folders, VisA in its own layout, and a user's own folders.
+"""Datasets: MVTec-AD-layout folders, VisA and BTAD in their own layouts, and a user's own folders.
 
 Files are checked when a dataset is built (headers and PNG checksums, mask sizes), and
 decoded lazily in `__getitem__`; with `cache=True` each image is decoded and resized once.
@@ -321,6 +321,44 @@ class VisADataset(ImageDataset):
         return np.asarray(decode_image(path).convert("L")) > 0, None
 
 
+class BTADDataset(ImageDataset):
+    """One category (01, 02, 03) of BTAD (beanTech, Mishra et al. 2021) as it is downloaded:
+
+        <root>/<category>/train/ok/*.bmp|png     normal images
+        <root>/<category>/test/ok/, test/ko/     normal and defective test images
+        <root>/<category>/ground_truth/ko/<stem>.png|bmp   masks of test/ko
+
+    'ok' is good and 'ko' a defect (defect_type 'ko'); masks follow images.load_mask's rules.
+    """
+
+    def __init__(self, root, category: str, split: str, image_size: int = 256,
+                 skip_bad: bool = False, cache: bool = False):
+        base = _require_root(root) / category
+        if not base.is_dir():
+            found = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+            raise CategoryNotFound(f"no folder '{category}' under {root}; found: {', '.join(found) or 'no folders'}"
+                                   " (BTAD's categories are 01, 02, 03)")
+        if split == "train":
+            entries = [Sample(p, 0, "good", None) for p in _require_images(base / "train" / "ok", "training")]
+        elif split == "test":
+            entries = [Sample(p, 0, "good", None) for p in list_images(base / "test" / "ok")]
+            entries += [Sample(p, 1, "ko", self._mask(base, p)) for p in list_images(base / "test" / "ko")]
+            if not entries:
+                raise EmptySplit(f"no test images under '{base / 'test'}' (expected test/ok and test/ko)")
+        else:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root, self.category, self.split = Path(root), category, split
+        super().__init__(entries, image_size, skip_bad, cache, has_masks=True)
+
+    @staticmethod
+    def _mask(base: Path, image: Path) -> Path:
+        for suffix in (".png", ".bmp"):
+            if (base / "ground_truth" / "ko" / f"{image.stem}{suffix}").is_file():
+                return base / "ground_truth" / "ko" / f"{image.stem}{suffix}"
+        raise MaskMissing(f"defect image '{image}' has no mask; expected "
+                          f"'{base / 'ground_truth' / 'ko' / (image.stem + '.png')}'")
+
+
 def make_dataset(data_cfg, split: str, root=None) -> ImageDataset:
     """Returns the `split` ('train' or 'test') of data_cfg's dataset, read from `root`
     (default: data_cfg.root) in data_cfg.format's layout."""
@@ -330,9 +368,11 @@ def make_dataset(data_cfg, split: str, root=None) -> ImageDataset:
         return MVTecDataset(root, data_cfg.category, split, **common)
     if data_cfg.format == "visa":
         return VisADataset(root, data_cfg.category, split, **common)
+    if data_cfg.format == "btad":
+        return BTADDataset(root, data_cfg.category, split, **common)
     if data_cfg.format == "folder":
         return FolderDataset(root, split, **common)
-    raise DataError(f"data.format={data_cfg.format!r} is not one of mvtec, visa, folder")
+    raise DataError(f"data.format={data_cfg.format!r} is not one of mvtec, visa, btad, folder")
 
 
 class Datasets(NamedTuple):

@@ -35,7 +35,7 @@ from recontrast.anomaly_map import image_score, maps_for, max_map_value
 from recontrast.calibration import pick_threshold, threshold_scale
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import DataConfig, EvalConfig, from_dict
-from recontrast.data import FolderDataset, MVTecDataset, VisADataset
+from recontrast.data import BTADDataset, FolderDataset, MVTecDataset, VisADataset
 from recontrast.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, DataError, decode_image,
                                imagenet_normalise, resize_rgb)
 from recontrast.model import load_model
@@ -329,6 +329,8 @@ def normal_batches(data_cfg: DataConfig, image_size: int, n: int = 64, data_root
             train = FolderDataset(root, "train", image_size)
         elif data_cfg.format == "visa":
             train = VisADataset(root, data_cfg.category, "train", image_size)
+        elif data_cfg.format == "btad":
+            train = BTADDataset(root, data_cfg.category, "train", image_size)
         else:
             train = MVTecDataset(root, data_cfg.category, "train", image_size)
     except DataError as err:

@@ -54,7 +54,7 @@ def example_images(cfg, n: int = 1) -> np.ndarray:
     S = image_size (mid-gray images when none can be read here). Reads only those files: the
     dataset was decode-verified for training already."""
     size = cfg.data.image_size
-    base = Path(cfg.data.root) / (cfg.data.category if cfg.data.format in ("mvtec", "visa") else "")
+    base = Path(cfg.data.root) / (cfg.data.category if cfg.data.format in ("mvtec", "visa", "btad") else "")
     pattern = "Data/Images/*/*" if cfg.data.format == "visa" else "test/*/*"
     found = []
     for path in sorted(p for p in base.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS):

@@ -22,7 +22,7 @@ def show(value: Any, limit: int = 60) -> str:
 
 
 _CHOICES = {
-    "data.format": ("mvtec", "visa", "folder"),
+    "data.format": ("mvtec", "visa", "btad", "folder"),
     "model.encoder_bn": ("train", "eval", "auto"),
     "loss.kind": ("global", "regional"),
     "train.amp": ("none", "bf16", "fp16"),

@@ -280,3 +280,24 @@ def test_a_visa_category_trains_two_iterations_and_evaluates(tmp_path):
     assert result.iterations == 2 and result.checkpoint.is_file()
     assert 0.0 <= evaluation.metrics["image_auroc"] <= 1.0 and 0.0 <= evaluation.metrics["pixel_auroc"] <= 1.0
     assert evaluation.metrics["aupro"] is not None  # the masks reached the pixel metrics
+
+
+def test_btad_is_read_in_its_own_layout(tmp_path):
+    """BTAD as downloaded: 01/train/ok/*.bmp, test/ok, test/ko, ground_truth/ko/<stem>.png (or .bmp)."""
+    rng = np.random.default_rng(0)
+    base = tmp_path / "btad" / "01"
+    for i in range(4):
+        _png(base / "train" / "ok" / f"{i:04d}.bmp", rng.integers(0, 255, (32, 32, 3), np.uint8))
+    _png(base / "test" / "ok" / "0000.bmp", rng.integers(0, 255, (32, 32, 3), np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:8, 4:12] = 255
+    for i, suffix in enumerate((".png", ".bmp")):
+        _png(base / "test" / "ko" / f"{i:04d}.bmp", rng.integers(0, 255, (32, 32, 3), np.uint8))
+        _png(base / "ground_truth" / "ko" / f"{i:04d}{suffix}", mask)
+    data = build_datasets(DataConfig(root=str(tmp_path / "btad"), format="btad", category="01", image_size=32,
+                                     val_fraction=0.25))
+    assert (len(data.train), len(data.val), len(data.test)) == (3, 1, 3)
+    assert sorted((s.label, s.defect_type) for s in data.test.samples) == [(0, "good"), (1, "ko"), (1, "ko")]
+    assert all(data.test[i]["mask"].sum() == 4 * 8 for i in range(3) if data.test[i]["label"] == 1)
+    with pytest.raises(CategoryNotFound, match="01, 02, 03"):
+        build_datasets(DataConfig(root=str(tmp_path / "btad"), format="btad", category="04"))
