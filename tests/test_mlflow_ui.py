@@ -91,7 +91,7 @@ def ui(study):
     """Returns the base URL of `mlflow ui` serving the study's store on 127.0.0.1 (started the
     way scripts/mlflow_screenshot.py starts it for the screenshots)."""
     uri = study[0]
-    with screenshot_script().mlflow_ui(uri, timeout_s=120) as base:
+    with screenshot_script().mlflow_ui(uri, timeout_s=300) as base:  # a loaded machine starts it slowly
         yield base
 
 
@@ -204,5 +204,9 @@ def test_the_printed_link_opens_the_studys_runs_in_the_ml_view_and_the_parent_sh
         width = Image.open(Path(report.results[0].folder).parents[1] / "deltas.png").width
         browser._until(lambda: browser.js(f"[...document.images].some(i => i.complete && i.naturalWidth == {width})"),
                        60, "the delta figure was not shown")
+        # The Models tab: one model per run, named <variant>-<category>, its test metrics under its dataset.
+        browser.open(f"{ui}/#/experiments/{exp}/models?workflowType=machine_learning", "no_da-weave")
+        html = browser.js("document.body.innerHTML")
+        assert "full-weave" in html and "weave/test" in html and "image_auroc" in html
     finally:
         browser.close()
