@@ -80,7 +80,7 @@ On real MVTec AD bottle (benchmarks/run.py --sections accuracy, cpu_bottle.yaml,
 the full method beats no domain adaptation by +0.73 P-AUROC, +1.50 AUPRO, +7.85 P-F1max
 (I-AUROC 100.0 both); with cpu_default.yaml (encoder BN in eval mode) no domain adaptation
 ended slightly ahead instead (-0.14 P-AUROC, -0.38 AUPRO for the full method). See
-notebooks/04_ablations.ipynb and README "Results"."""
+notebooks/04_ablations.ipynb and docs/results.md."""
 
 
 def print_table(study: str, experiment: str | None = None) -> None:

@@ -1,12 +1,12 @@
-"""Takes the screenshots of README.md ("Compare ablations in the MLflow UI"): the MLflow UI, in a real (headless) Chromium, on
-the runs of a study (the demo's by default).
+"""Takes the screenshots of docs/mlflow_ui.md ("Compare ablations in the MLflow UI"): the MLflow UI,
+in a real (headless) Chromium, on the runs of a study (the demo's by default).
 
     make demo                                    # the runs: experiment 'demo', study 'demo'
     sudo apt-get install -y chromium             # Debian's Chromium
     .venv/bin/python scripts/mlflow_screenshot.py [--uri sqlite:///mlruns/mlflow.db]
 
 It starts `mlflow ui` on 127.0.0.1 (a free port) over the store, starts Chromium headless
-with a new empty profile, does what README.md ("Compare ablations in the MLflow UI") tells a reader to do (filter the study,
+with a new empty profile, does what docs/mlflow_ui.md ("What to click") tells a reader to do (filter the study,
 close the assistant panel, expand the parent run, chart view, chart search; open the parent
 run, its artifacts' delta figure) and writes docs/figures/mlflow_ablation_charts.png,
 mlflow_study_run.png and mlflow_study_deltas.png.

@@ -1,4 +1,4 @@
-"""What README.md ("Compare ablations in the MLflow UI") (and its screenshot) shows, checked through a real `mlflow ui` on
+"""What docs/mlflow_ui.md (and its screenshots) shows, checked through a real `mlflow ui` on
 loopback over a tiny study: the parent run holds the study-level metrics and no variant of
 its own, its children hold variant, category and study tags and the switches as params, and
 the filter strings the page gives select what it says."""
@@ -155,7 +155,7 @@ def test_the_children_carry_variant_category_study_tags_and_the_switches_as_para
 
 
 def test_the_filter_strings_of_the_ui_page_select_what_they_say(ui, study):
-    """The strings README.md ("Compare ablations in the MLflow UI") tells a reader to type into the UI's search box."""
+    """The strings docs/mlflow_ui.md ("Filter strings that work") tells a reader to type into the UI's search box."""
     names = lambda runs: sorted(r["info"]["run_name"] for r in runs)  # noqa: E731
     assert names(search(ui, f"tags.study = '{STUDY}'")) == ["full-weave", "no_da-weave", f"study:{STUDY}"]
     assert names(search(ui, f"tags.study = '{STUDY}' and tags.variant = 'no_da'")) == ["no_da-weave"]
