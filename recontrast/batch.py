@@ -36,7 +36,8 @@ from recontrast.ray_executor import RayOptions, check_options, connected, import
 from recontrast.runtime import PROGRESS_LINES_ENV, ROOT_ENV, environment, notebook_folder, project_root
 from recontrast.study import (SUPERSEDED_TAG, Job, PairStatus, Study, changed_keys, check_name, load_study, plan,
                               study_status, switches)
-from recontrast.study_results import log_study_metrics
+from recontrast.study_results import (delta_table, log_comparison, log_study_metrics, study_results, ui_link,
+                                      write_delta_table)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class AblationsParams:
     metrics: list[str] = field(default_factory=lambda: ["image_auroc", "pixel_auroc", "aupro"])
     out: str = ""
     log_to_mlflow: bool = True
+COMPARISON = "04_ablations.ipynb"
 
 
 @dataclass
@@ -307,7 +309,7 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
               variants: Sequence[str] | None = None, *, name: str | None = None,
               runs_dir: str | Path | None = None, register: str | None = None,
               executor: Callable[[Job], PairResult] | None = None,
-              ray: RayOptions | None = None) -> StudyReport:
+              ray: RayOptions | None = None, compare: bool = True) -> StudyReport:
     """Returns the report of running a study file's (variant, category) pairs through
     notebooks 02 and 03; `report.ok` is False when a pair failed (the others still ran).
     The parent run gets the study-level metrics (study_results.log_study_metrics).
@@ -315,7 +317,8 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
     `name` renames the study (tags, folders); `register` names a variant whose models are
     registered, one registered model per category (`models:/<category>/<version>`);
     `executor` replaces execute_pair (tests); `ray` runs each pair as a Ray task
-    (recontrast.ray_executor) instead of a local process.
+    (recontrast.ray_executor) instead of a local process; `compare` ends the batch with the
+    comparison (_compare: notebook 04, the delta table printed and in the study folder).
     One batch runs a study at a time: a second one, started while the first runs, refuses at
     once naming the first (it would train the same pairs into the same folders).
     """
@@ -332,7 +335,8 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
     folder = (Path(runs_dir) if runs_dir else project_root() / "experiments" / "runs") / spec.name
     try:
         with folder_lock(folder, f"study '{spec.name}', folder", fix="stop it first (a rerun skips the pairs it finished)"):
-            return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair, register, ray)
+            return _run_planned(spec, todo, jobs, force, overrides, executor or execute_pair, register, ray,
+                                folder if compare else None)
     except KeyboardInterrupt:  # Ctrl-C: the caller says "interrupted" in one line; the kernels' shutdown is silent
         for name in _SHUTDOWN_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
@@ -340,8 +344,10 @@ def run_study(study: str | Path, categories: Sequence[str] | None = ("all",), jo
 
 
 def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides, executor,
-                 register: str | None = None, ray: RayOptions | None = None) -> StudyReport:
-    """Returns run_study's report; the caller holds the study folder's lock.
+                 register: str | None = None, ray: RayOptions | None = None,
+                 compare_in: Path | None = None) -> StudyReport:
+    """Returns run_study's report; the caller holds the study folder's lock. `compare_in`: the
+    study folder the comparison (notebook 04, the delta table) is written to; None: none.
 
     Every check comes before any record is opened: which pairs have work left, then the
     executor (Ray joined within its timeout); the parent run is reopened only when a pair runs.
@@ -384,6 +390,8 @@ def _run_planned(spec: Study, todo: list[Job], jobs: int, force: bool, overrides
     for r in report.not_converged:
         print(f"NOT CONVERGED {r.variant}/{r.category}: its metrics are not to be trusted "
               f"(MLflow run {r.run_id}, tag health_reason; notebooks in {r.folder})", flush=True)
+    if parent is not None and compare_in is not None:
+        _compare(spec, base, report.parent_run_id, compare_in)
     return report
 
 
@@ -493,12 +501,63 @@ def _in_plan_order(pending: list[Job], results: list[PairResult]) -> list[PairRe
 
 def _log_study_metrics(spec: Study, base: Config, parent_run_id: str) -> None:
     """Logs the means and deltas per variant to the parent run (the MLflow UI charts them)."""
-    baseline = "full" if "full" in spec.variants else next(iter(spec.variants))
+    baseline = study_baseline(spec)
     try:
         summary = log_study_metrics(spec.name, parent_run_id, base.tracking.experiment, tracking_uri(base), baseline)
         print(f"study {spec.name}: {len(summary)} study metrics logged to the parent run {parent_run_id}", flush=True)
     except Exception as err:  # the pairs' runs hold the results; the summary can be logged again
         log.warning("could not log the study metrics to run %s: %s", parent_run_id, err)
+
+
+def study_baseline(spec: Study) -> str:
+    """Returns the variant the deltas are taken against: 'full', else the study's first."""
+    return "full" if "full" in spec.variants else next(iter(spec.variants))
+
+
+def _compare(spec: Study, base: Config, parent_run_id: str, folder: Path) -> None:
+    """Ends a batch with the comparison of the study's finished runs: notebook 04 executed
+    into <folder>/04_ablations.ipynb (its tables and figures in <folder>/comparison/, logged to
+    the parent run under comparison/), the delta table per variant printed and written as
+    <folder>/deltas.csv and deltas.png (the figure logged as the parent run's top-level file), and
+    the MLflow UI link of the study's runs. A failure here leaves the pairs' results alone."""
+    uri, experiment, baseline = tracking_uri(base), base.tracking.experiment, study_baseline(spec)
+    try:
+        frame = study_results(spec.name, experiment, uri)
+        if frame.empty or not (frame["status"] == "FINISHED").any():
+            print(f"study {spec.name}: no finished run to compare", flush=True)
+            return
+        table = delta_table(frame, baseline)
+        paths = write_delta_table(table, folder, baseline) if not table.empty else []
+        client = get_client(uri=uri)
+        if paths:  # the parent's one top-level file (notebook 04's are under comparison/, with its CSVs)
+            tracking.Run(parent_run_id, client).log_artifact(paths[1])
+        notebook = comparison_notebook(spec.name, experiment, folder, baseline)
+        log_comparison(spec.name, [notebook], experiment, uri)
+    except Exception as err:  # the runs hold every number; notebook 04 can be run again by hand
+        log.warning("could not compare the runs of study %s: %s (run notebooks/%s with study=%s)",
+                    spec.name, _describe(err), COMPARISON, spec.name)
+        return
+    if table.empty:
+        print(f"study {spec.name}: no '{baseline}' run to take deltas against", flush=True)
+    else:
+        print(f"\nstudy {spec.name}: variant minus {baseline}, percentage points, mean over categories\n"
+              f"{table.to_string(float_format='{:+.2f}'.format)}\n"
+              f"written to {paths[0]} and {paths[1].name}; notebook 04: {notebook}", flush=True)
+    link = ui_link(experiment_id(client, experiment), f"tags.study = '{spec.name}'", uri)
+    print(f"MLflow UI (`make ui`): {link}", flush=True)
+
+
+def comparison_notebook(study: str, experiment: str, folder: Path, baseline: str = "full") -> Path:
+    """Returns notebook 04 executed for `study` into `folder` (its tables and figures in
+    folder/comparison, logged to the study's parent run)."""
+    import papermill as pm
+
+    out = folder / COMPARISON
+    params = AblationsParams(study=study, experiment=experiment, baseline=baseline, out=str(folder / "comparison"))
+    pm.execute_notebook(notebook_folder() / COMPARISON, out, cwd=str(project_root()),
+                        parameters=dataclasses.asdict(params),
+                        kernel_name=kernel_name(), progress_bar=False, start_timeout=300)
+    return out
 
 
 def _register(report: StudyReport, variant: str, uri: str) -> None:

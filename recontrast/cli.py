@@ -12,6 +12,8 @@ import argparse
 import math
 import os
 import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from recontrast.config import EXPORT_RUNTIMES, ONNX, RUNTIMES, TORCH, ConfigError
@@ -88,26 +90,65 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"synthetic dataset written to {root}")
 
 
+def _print_config(args: argparse.Namespace) -> None:
+    """Prints the resolved config as YAML, then what each override changed, in order."""
+    from recontrast.config import config_diff, load_config
+
+    overrides = [*args.set, *([f"train.out={args.out}"] if args.out else [])]
+    cfg = load_config(args.config, overrides)
+    print(cfg.to_yaml().rstrip())
+    print(f"# {args.config}" + (", then each override:" if overrides else ", no override"))
+    before = load_config(args.config)
+    for i, override in enumerate(overrides):
+        after = load_config(args.config, overrides[:i + 1])
+        changed = config_diff(before, after)
+        what = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        print(f"#   {override}: {what or 'no change (the value was already so)'}")
+        before = after
+
+
 def _train(args: argparse.Namespace) -> None:
     from recontrast.pipeline import main_train
 
+    if args.print_config:
+        _print_config(args)
+        return
     main_train(args.config, args.set, out=args.out, resume=args.resume, track=not args.no_track,
                evaluate=True)
+
+
+def _model_checkpoint(args: argparse.Namespace, folder: Path) -> str:
+    """Returns --checkpoint, or the checkpoint of --model when it names an MLflow model
+    (models:/<name>/<version>, a run id), downloaded into `folder`."""
+    from recontrast.mlflow_model import is_model_reference, model_checkpoint
+
+    if is_model_reference(args.model):
+        if args.checkpoint:
+            raise ConfigError(f"give --checkpoint or --model {args.model}, not both")
+        checkpoint = model_checkpoint(args.model, folder)
+        print(f"{args.model}: {checkpoint}")
+        args.model = None
+        return str(checkpoint)
+    if not args.checkpoint:
+        raise ConfigError("give --checkpoint <file.ckpt> or --model models:/<name>/<version> (or a run id)")
+    return args.checkpoint
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from recontrast.pipeline import run_evaluation
 
-    run_evaluation(
-        args.checkpoint, data_root=args.data, category=args.category, out=args.out,
-        overrides=args.set, track=not args.no_track,
-    )
+    with tempfile.TemporaryDirectory(prefix="recontrast-model-") as tmp:  # a downloaded model's weights
+        run_evaluation(
+            _model_checkpoint(args, Path(tmp)), data_root=args.data, category=args.category, out=args.out,
+            overrides=args.set, track=not args.no_track,
+        )
 
 
 def _predict(args: argparse.Namespace) -> None:
     from recontrast.infer import main_predict
 
-    rows = main_predict(args.checkpoint, args.inputs, out=args.out, threshold=args.threshold,
+    checkpoint = _model_checkpoint(args, Path(args.out) / "model")
+    rows = main_predict(checkpoint, args.inputs, out=args.out, threshold=args.threshold,
                         runtime=args.runtime, int8=args.int8, model_path=args.model, threads=args.threads,
                         data_root=args.data)
     if not any(not r.get("error") for r in rows):  # a script must see that nothing was scored
@@ -137,15 +178,17 @@ def _batch(args: argparse.Namespace) -> None:
     report = run_study(
         args.study, categories=args.categories, jobs=args.jobs, force=args.force,
         overrides=args.set, variants=args.variants, register=args.register, ray=ray,
+        compare=not args.no_compare,
     )
     sys.exit(0 if report.ok else 1)
 
 
 def _register(args: argparse.Namespace) -> None:
-    from recontrast.mlflow_model import register
+    from recontrast.mlflow_model import RUN_ID, find_run_by_name, register
 
-    version = register(args.run, args.name)
-    print(f"registered run {args.run}'s model as models:/{version.name}/{version.version}")
+    run_id = args.run if RUN_ID.match(args.run) else find_run_by_name(args.run, args.study)
+    version = register(run_id, args.name)
+    print(f"registered run {run_id}'s model as models:/{version.name}/{version.version}")
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -161,8 +204,19 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(quick=args.quick)
 
 
+def _version() -> str:
+    """Returns the installed distribution's version (the package's own when not installed)."""
+    from recontrast import __version__
+
+    try:
+        return metadata.version("recontrast")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="recontrast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"recontrast {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or RECONTRAST_DEBUG=1)")
     parser.add_argument("--root", default=None, metavar="FOLDER",
                         help="the project root: runs, the MLflow store and relative data paths (or "
@@ -195,17 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (overrides train.out)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and what each override changed, then stop (trains nothing)")
 
-    p = add("evaluate", _evaluate, "evaluate a checkpoint on a test split")
-    p.add_argument("--checkpoint", required=True)
+    p = add("evaluate", _evaluate, "evaluate a checkpoint (or an MLflow model) on a test split")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint file (last.ckpt, best.ckpt)")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="instead of --checkpoint: an MLflow model, models:/<name>/<version> (registered), "
+                        "models:/<model id>, or a training run's id")
     p.add_argument("--data", default=None, help="dataset root (default: the checkpoint's)")
     p.add_argument("--category", default=None)
     p.add_argument("--out", default=None, help="folder for metrics and figures")
     overrides(p)
     p.add_argument("--no-track", action="store_true")
 
-    p = add("predict", _predict, "score new images with a trained checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p = add("predict", _predict, "score new images with a trained checkpoint or an MLflow model")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint file (last.ckpt, best.ckpt)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", default="preds")
     p.add_argument("--threshold", type=THRESHOLD, default="normal",
@@ -215,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported beside the checkpoint on first use)")
     p.add_argument("--int8", action="store_true",
                    help="the int8 model (onnx/openvino), calibrated on the checkpoint's training images")
-    p.add_argument("--model", default=None, help="an exported model to run (from `recontrast export`)")
+    p.add_argument("--model", default=None,
+                   help="an MLflow model instead of --checkpoint: models:/<name>/<version> (registered), "
+                        "models:/<model id> or a training run's id (downloaded into <out>/model); or, with "
+                        "--checkpoint, an exported model to run (from `recontrast export`)")
     p.add_argument("--threads", type=POSITIVE, default=None, help="onnx/openvino threads (default: all cores)")
     p.add_argument("--data", default=None, help="dataset root of the int8 calibration images (default: the checkpoint's)")
 
@@ -234,11 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
                    help="default: the size the checkpoint was calibrated (or trained) at")
 
-    p = add("batch", _batch, "run a study: papermill executions per (variant, category)")
-    p.add_argument("--study", required=True)
-    p.add_argument("--categories", nargs="*", default=["all"])
-    p.add_argument("--variants", nargs="*", default=None)
-    p.add_argument("--jobs", type=POSITIVE, default=1)
+    p = add("batch", _batch, "run a study: papermill executions per (variant, category), then the "
+                             "comparison (notebook 04, the delta table, the MLflow UI link)")
+    p.add_argument("--study", required=True, help="a study file: a config with a study: section (experiments/*.yaml)")
+    p.add_argument("--categories", nargs="*", default=["all"],
+                   help="the categories to run (default: all of the study's study.categories)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="the variants to run (default: all of the study's study.variants)")
+    p.add_argument("--jobs", type=POSITIVE, default=1,
+                   help="pairs run at once (one process each, GPUs shared round-robin)")
     p.add_argument("--force", action="store_true", help="redo finished (variant, category) pairs")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: processes on this machine (--jobs at once); ray: one Ray task per pair "
@@ -256,10 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to join the Ray cluster (or start the local instance) before giving up")
     p.add_argument("--register", default=None, metavar="VARIANT",
                    help="register this variant's models, one registered model per category")
+    p.add_argument("--no-compare", action="store_true",
+                   help="end without the comparison (notebook 04, deltas.csv/png in the study folder)")
     overrides(p)
 
     p = add("register", _register, "register a run's MLflow model (models:/<name>/<version>)")
-    p.add_argument("--run", required=True, help="the MLflow run id (of an evaluated training run)")
+    p.add_argument("--run", required=True,
+                   help="the MLflow run id of an evaluated training run, or its name ('<variant>-<category>', "
+                        "with --study when several studies have one)")
+    p.add_argument("--study", default=None, help="the study the run named by --run belongs to")
     p.add_argument("--name", required=True, help="the registered model's name, e.g. the category")
 
     p = add("runs", _runs, "maintain the MLflow store")

@@ -25,7 +25,7 @@ class DataConfig:
     category: str = "weave"
     # "mvtec": train/good, test/<type>, ground_truth/<type>/<stem>_mask.png (VisA once converted).
     # "folder": a user's own folder with good/ and defect folders, masks optional.
-    format: Literal["mvtec", "folder"] = "mvtec"
+    format: Literal["mvtec", "visa", "btad", "folder"] = "mvtec"
     image_size: int = 256
     # Skip unreadable images with a warning (counted and logged) instead of stopping.
     skip_bad_images: bool = False
@@ -399,3 +399,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, "
                           f"train:, ...), not {type(data).__name__} {show(data)}")
     return data
+
+
+def config_diff(base: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Returns {dotted key: (base value, cfg value)} for every key whose value differs."""
+    old, new = base.flatten(), cfg.flatten()
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}

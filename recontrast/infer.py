@@ -35,7 +35,7 @@ from recontrast.anomaly_map import image_score, maps_for, max_map_value
 from recontrast.calibration import is_calibrated, pick_threshold, threshold_scale
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import ONNX, TORCH, DataConfig, EvalConfig, from_dict
-from recontrast.data import FolderDataset, MVTecDataset
+from recontrast.data import BTADDataset, FolderDataset, MVTecDataset, VisADataset
 from recontrast.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, DataError, decode_image,
                                imagenet_normalise, resize_rgb)
 from recontrast.model import load_model
@@ -330,6 +330,10 @@ def normal_batches(data_cfg: DataConfig, image_size: int, n: int = 64, data_root
     try:
         if data_cfg.format == "folder":
             train = FolderDataset(root, "train", image_size)
+        elif data_cfg.format == "visa":
+            train = VisADataset(root, data_cfg.category, "train", image_size)
+        elif data_cfg.format == "btad":
+            train = BTADDataset(root, data_cfg.category, "train", image_size)
         else:
             train = MVTecDataset(root, data_cfg.category, "train", image_size)
     except DataError as err:

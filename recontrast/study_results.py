@@ -5,8 +5,11 @@ pandas is imported inside the functions: `recontrast` itself works without it.
 """
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 from typing import Sequence
+
+from matplotlib.figure import Figure
 
 from recontrast import tracking
 from recontrast.mlflow_store import RunStatus, Tag, experiment_id, get_client, quote, retry
@@ -130,6 +133,72 @@ def study_summary_metrics(frame, baseline: str = "full", metrics: Sequence[str] 
     for (variant, metric), group in deltas[deltas["variant"] != baseline].groupby(["variant", "metric"], sort=False):
         out[f"{variant}/{metric}_delta"] = float(group["delta"].mean())
     return {k: v for k, v in out.items() if pd.notna(v)}
+
+
+def delta_table(frame, baseline: str = "full", metrics: Sequence[str] = METRICS):
+    """Returns variants (not the baseline) x metrics: the mean over the categories both
+    finished of the variant's value minus the baseline's, in percentage points (the parent
+    run's '<variant>/<metric>_delta' metrics times 100); empty without a baseline run."""
+    import pandas as pd
+
+    if frame.empty:
+        return pd.DataFrame()
+    deltas = ablation_deltas(frame, metrics, baseline).dropna(subset=["delta"])
+    deltas = deltas[deltas["variant"] != baseline]
+    if deltas.empty:
+        return pd.DataFrame()
+    table = 100 * deltas.pivot_table(index="variant", columns="metric", values="delta", aggfunc="mean")
+    order = [v for v in dict.fromkeys(frame["variant"]) if v in table.index]  # the study file's order
+    table = table.loc[order, [m for m in metrics if m in table.columns]]
+    table.columns.name = f"minus {baseline}, points"
+    return table
+
+
+def delta_figure(table, baseline: str = "full"):
+    """Returns a matplotlib Figure of delta_table: one panel per metric, a named bar per
+    variant, its value in points written beside it."""
+    n_var, n_met = len(table.index), len(table.columns)
+    cols = min(4, n_met)
+    rows = -(-n_met // cols)
+    fig = Figure(figsize=(1.5 + 3.2 * cols, rows * (1.0 + 0.45 * n_var) + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    for ax, metric in zip(axes, table.columns):
+        values = table[metric].to_numpy()
+        ax.barh(list(table.index), values, color=["tab:red" if v < 0 else "tab:green" for v in values])
+        ax.bar_label(ax.containers[0], labels=[f"{v:+.2f}" for v in values], padding=2, fontsize=8)
+        low, high = min(values.min(), 0.0), max(values.max(), 0.0)
+        pad = 0.35 * max(high - low, 0.5)  # room for the value labels
+        ax.set_xlim(low - pad, high + pad)
+        ax.axvline(0, color="black", lw=1)
+        ax.set(title=metric, xlabel="points")
+    for ax in axes[n_met:]:
+        ax.set_visible(False)
+    axes[0].invert_yaxis()  # the study file's order, top down (the axes share y)
+    fig.suptitle(f"variant minus {baseline}, percentage points (mean over categories)")
+    return fig
+
+
+def write_delta_table(table, folder: str | Path, baseline: str = "full") -> list[Path]:
+    """Returns [deltas.csv, deltas.png] after writing delta_table and its figure to `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv, png = folder / "deltas.csv", folder / "deltas.png"
+    table.round(4).to_csv(csv)
+    delta_figure(table, baseline).savefig(png, dpi=100)
+    return [csv, png]
+
+
+# `make ui` serves the local store here; a tracking server's URI is its own UI.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_link(experiment_id: str, search_filter: str | None = None, uri: str | None = None) -> str:
+    """Returns the MLflow UI's address of an experiment's runs in its machine-learning view
+    (MLflow 3 opens in its GenAI view of traces otherwise), filtered by `search_filter`."""
+    base = uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else LOCAL_UI
+    query = {"searchFilter": search_filter} if search_filter else {}
+    query["workflowType"] = "machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
 
 
 def _parent_run_id(client, experiments: list[str], study: str) -> str | None:

@@ -452,7 +452,7 @@ def log_evaluation(result, checkpoint: str | Path, run_id: str | None = None, ur
 
 
 def log_trained_model(run: Run, checkpoint: str | Path, step: int = 0, ckpt: dict | None = None) -> None:
-    """Logs a calibrated checkpoint to `run` as the MLflow model 'detector' (a pyfunc model
+    """Logs a calibrated checkpoint to `run` as its MLflow model (named for the run; a pyfunc model
     with the inference weights, no optimizer state: mlflow_model.log_detector) and, with
     tracking.log_full_checkpoint, the whole checkpoint under checkpoint/ (to resume elsewhere).
     `ckpt`: the checkpoint's contents when the caller holds them (the file is not read again)."""

@@ -1,14 +1,15 @@
-"""Takes the screenshots of README.md ("Compare ablations in the MLflow UI"): the MLflow UI, in a real (headless) Chromium, on
-the runs of a study (the demo's by default).
+"""Takes the screenshots of docs/mlflow_ui.md ("Compare ablations in the MLflow UI"): the MLflow UI,
+in a real (headless) Chromium, on the runs of a study (the demo's by default).
 
     make demo                                    # the runs: experiment 'demo', study 'demo'
     sudo apt-get install -y chromium             # Debian's Chromium
     .venv/bin/python scripts/mlflow_screenshot.py [--uri sqlite:///mlruns/mlflow.db]
 
 It starts `mlflow ui` on 127.0.0.1 (a free port) over the store, starts Chromium headless
-with a new empty profile, does what README.md ("Compare ablations in the MLflow UI") tells a reader to do (filter the study,
+with a new empty profile, does what docs/mlflow_ui.md ("What to click") tells a reader to do (filter the study,
 close the assistant panel, expand the parent run, chart view, chart search; open the parent
-run) and writes docs/figures/mlflow_ablation_charts.png and docs/figures/mlflow_study_run.png.
+run, its artifacts' delta figure) and writes docs/figures/mlflow_ablation_charts.png,
+mlflow_study_run.png and mlflow_study_deltas.png.
 Chromium is driven over the DevTools protocol with websocket-client (installed with Jupyter).
 """
 from __future__ import annotations
@@ -187,8 +188,8 @@ def take(base: str, experiment: str, study: str, out: Path, binary: str, width: 
     browser = Chromium(binary, width, height)
     try:
         # 1. Training runs, filtered to the study, chart view; the parent expanded; the charts searched.
-        query = urllib.parse.urlencode({"searchFilter": f"tags.study = '{study}'", "compareRunsMode": "CHART"},
-                                       quote_via=urllib.parse.quote)
+        query = urllib.parse.urlencode({"searchFilter": f"tags.study = '{study}'", "compareRunsMode": "CHART",
+                                        "workflowType": "machine_learning"}, quote_via=urllib.parse.quote)
         browser.open(f"{base}/#/experiments/{exp}/runs?{query}", parent["run_name"])
         browser.click(close_assistant, required=False)
         browser.click('[data-component-id$="runnamecellrenderer.tsx_46"]')  # the parent row's expand button
@@ -197,10 +198,19 @@ def take(base: str, experiment: str, study: str, out: Path, binary: str, width: 
         browser.screenshot(out / "mlflow_ablation_charts.png")
 
         # 2. The parent run: its study metrics (searched for the deltas), child runs, tags, shared params.
-        browser.open(f"{base}/#/experiments/{exp}/runs/{parent['run_id']}", "Child runs")
+        browser.open(f"{base}/#/experiments/{exp}/runs/{parent['run_id']}?workflowType=machine_learning",
+                     "Child runs")
         browser.click(close_assistant, required=False)
         browser.type('input[placeholder="Search metrics"]', "_delta")
         browser.screenshot(out / "mlflow_study_run.png")
+
+        # 3. The parent's artifacts: the delta figure the batch logged (tests/test_mlflow_ui.py opens it the same way).
+        browser.open(f"{base}/#/experiments/{exp}/runs/{parent['run_id']}/artifacts?workflowType=machine_learning",
+                     "deltas.png")
+        browser.click(close_assistant, required=False)
+        browser.js("[...document.querySelectorAll('*')].filter(e => e.textContent.trim() === 'deltas.png').pop().click()")
+        time.sleep(3.0)  # the image loads and draws
+        browser.screenshot(out / "mlflow_study_deltas.png")
     finally:
         browser.close()
 

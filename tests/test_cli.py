@@ -58,7 +58,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "runs_negative_age": (["runs", "--fix-stale", "--older-than", "-1"], r"--older-than: '-1' is not a number of seconds"),
         "runs_nan_age": (["runs", "--fix-stale", "--older-than", "nan"], r"--older-than: 'nan' is not"),
         "unknown_command": (["trian"], r"invalid choice: 'trian'"),
-        "missing_flag": (["predict", "x.png"], r"the following arguments are required: --checkpoint"),
+        "missing_flag": (["predict", "x.png"], r"give --checkpoint <file.ckpt> or --model models:/"),
     }
 
 
@@ -124,3 +124,36 @@ def test_exit_status_and_stderr_of_a_failing_command(tmp_path, debug):
     else:
         assert "Traceback (most recent call last)" in proc.stderr and "unknown synthetic categories" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_version_names_the_installed_distribution(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"recontrast {metadata.version('recontrast')}"
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in commands.items()
+               for a in sub._actions if a.help in (None, "") and a.dest not in ("help",)]
+    assert not [m for m in missing if m.startswith("batch ")], missing
+
+
+def test_print_config_shows_the_resolved_config_and_what_each_override_changed(capsys):
+    import yaml
+
+    from recontrast.config import load_config
+
+    argv = ["train", "--config", "experiments/demo.yaml", "--print-config", "--set", "train.iters=7",
+            "data.image_size=128", "train.iters=9"]
+    assert run_cli(argv) is None
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["train"]["iters"] == 9  # the YAML part parses; comments follow it
+    base = load_config(REPO / "experiments" / "demo.yaml")
+    assert f"#   train.iters=7: train.iters: {base.train.iters} -> 7" in out
+    assert "#   data.image_size=128: no change" in out  # demo.yaml already says 128
+    assert "#   train.iters=9: train.iters: 7 -> 9" in out

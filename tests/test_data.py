@@ -100,7 +100,8 @@ def test_missing_root_says_how_to_get_data(tmp_path):
 
 
 def test_missing_category_lists_what_exists(synthetic_root):
-    with pytest.raises(CategoryNotFound, match="no folder 'disk' .*did you mean 'disc'.*found: bar, board, disc, grain, mesh, weave"):
+    with pytest.raises(CategoryNotFound, match="no folder 'disk' .*did you mean 'disc'.*"
+                       "found: bar, board, disc, grain, mesh, weave"):
         MVTecDataset(synthetic_root, "disk", "train")
 
 
@@ -216,3 +217,88 @@ def test_folder_dataset_layouts(tmp_path):
     assert test.has_masks and test[len(test) - 1]["mask"].sum() == 256
     cfg = DataConfig(root=str(tmp_path), format="folder", image_size=16, val_fraction=0.25)
     assert [len(d) for d in build_datasets(cfg)] == [3, 1, 11]
+
+
+def visa_tree(root, size=64, n_normal=10, n_anomaly=3):
+    """Writes a tiny VisA download in its exact layout (category 'candle') and returns root:
+    split_csv/1cls.csv, candle/Data/Images/{Normal,Anomaly}/*.JPG, candle/Data/Masks/Anomaly/*.png
+    whose defect pixels hold small ids (1, 2), as VisA's do, not 255."""
+    rng = np.random.default_rng(0)
+    rows = ["object,split,label,image,mask"]
+    y, x = np.mgrid[:size, :size]
+    for i in range(n_normal):
+        base = (np.stack([x, y, x + y], -1) * 2 + rng.integers(0, 20, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        path = f"candle/Data/Images/Normal/{i:04d}.JPG"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(base).save(root / path, format="JPEG")
+        rows.append(f"candle,{'train' if i < n_normal - 2 else 'test'},normal,{path},")
+    for i in range(n_anomaly):
+        image = (np.stack([x, y, x + y], -1) * 2).clip(0, 255).astype(np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        mask[10 + 5 * i:20 + 5 * i, 12:24] = 1 + i % 2  # ids 1 and 2
+        image[mask > 0] = (250, 30, 30)
+        path, mask_path = f"candle/Data/Images/Anomaly/{i:03d}.JPG", f"candle/Data/Masks/Anomaly/{i:03d}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / path, format="JPEG")
+        Image.fromarray(mask).save(root / mask_path)
+        rows.append(f"candle,test,anomaly,{path},{mask_path}")
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_visa_is_read_in_its_own_layout_with_id_valued_masks(tmp_path):
+    root = visa_tree(tmp_path / "visa")
+    data = build_datasets(DataConfig(root=str(root), format="visa", category="candle", image_size=64,
+                                     val_fraction=0.25))
+    assert (len(data.train), len(data.val), len(data.test)) == (6, 2, 5)
+    labels = sorted((s.label, s.defect_type) for s in data.test.samples)
+    assert labels == [(0, "good")] * 2 + [(1, "anomaly")] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # id-valued masks are VisA's format, not a problem to warn about
+        defect = next(data.test[i] for i in range(len(data.test)) if data.test[i]["label"] == 1)
+    assert defect["mask"].sum() == 10 * 12 and set(defect["mask"].unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(CategoryNotFound, match="did you mean 'candle'"):
+        build_datasets(DataConfig(root=str(root), format="visa", category="candel"))
+    with pytest.raises(RootNotFound, match="split_csv"):
+        build_datasets(DataConfig(root=str(tmp_path), format="visa", category="candle"))
+
+
+def test_a_visa_category_trains_two_iterations_and_evaluates(tmp_path):
+    from recontrast import pipeline
+    from recontrast.config import Config, apply_overrides
+
+    root = visa_tree(tmp_path / "visa")
+    cfg = apply_overrides(Config(), {
+        "data.root": str(root), "data.format": "visa", "data.category": "candle", "data.image_size": 64,
+        "data.val_fraction": 0.25, "model.backbone": "resnet18", "model.pretrained": "none",
+        "train.iters": 2, "train.batch_size": 2, "train.threads": 1, "train.checkpoint_every": 0,
+        "train.out": str(tmp_path / "run"), "eval.figures": False, "eval.gif": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two iterations do not converge, and say so
+        result, evaluation, _ = pipeline.run_training(cfg, track=False)
+    assert result.iterations == 2 and result.checkpoint.is_file()
+    assert 0.0 <= evaluation.metrics["image_auroc"] <= 1.0 and 0.0 <= evaluation.metrics["pixel_auroc"] <= 1.0
+    assert evaluation.metrics["aupro"] is not None  # the masks reached the pixel metrics
+
+
+def test_btad_is_read_in_its_own_layout(tmp_path):
+    """BTAD as downloaded: 01/train/ok/*.bmp, test/ok, test/ko, ground_truth/ko/<stem>.png (or .bmp)."""
+    rng = np.random.default_rng(0)
+    base = tmp_path / "btad" / "01"
+    for i in range(4):
+        _png(base / "train" / "ok" / f"{i:04d}.bmp", rng.integers(0, 255, (32, 32, 3), np.uint8))
+    _png(base / "test" / "ok" / "0000.bmp", rng.integers(0, 255, (32, 32, 3), np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:8, 4:12] = 255
+    for i, suffix in enumerate((".png", ".bmp")):
+        _png(base / "test" / "ko" / f"{i:04d}.bmp", rng.integers(0, 255, (32, 32, 3), np.uint8))
+        _png(base / "ground_truth" / "ko" / f"{i:04d}{suffix}", mask)
+    data = build_datasets(DataConfig(root=str(tmp_path / "btad"), format="btad", category="01", image_size=32,
+                                     val_fraction=0.25))
+    assert (len(data.train), len(data.val), len(data.test)) == (3, 1, 3)
+    assert sorted((s.label, s.defect_type) for s in data.test.samples) == [(0, "good"), (1, "ko"), (1, "ko")]
+    assert all(data.test[i]["mask"].sum() == 4 * 8 for i in range(3) if data.test[i]["label"] == 1)
+    with pytest.raises(CategoryNotFound, match="01, 02, 03"):
+        build_datasets(DataConfig(root=str(tmp_path / "btad"), format="btad", category="04"))

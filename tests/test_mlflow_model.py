@@ -4,10 +4,17 @@ predict` does; it can be registered per category. The run also carries its datas
 metrics and MLflow's own source tags."""
 from __future__ import annotations
 
+import base64
 import csv
+import io
+import json
 import os
 import pickle
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -101,11 +108,12 @@ def test_the_model_has_a_signature_an_input_example_and_weights_without_optimize
     cfg, result, run_id = trained
     uri = f"models:/{mlflow_model.find_model(run_id)}"
     info = Model.load(uri)
-    inputs, outputs = info.signature.inputs.to_dict(), info.signature.outputs.to_dict()
-    assert inputs == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, 3)}}]
+    outputs = info.signature.outputs.to_dict()
+    assert info.signature.inputs is None  # arrays and base64 strings: no one schema admits both
     assert [o["name"] for o in outputs] == ["score", "raw_score", "decision", "map"]
     example = info.load_input_example(mlflow.artifacts.download_artifacts(uri))
-    assert example.shape == (1, 64, 64, 3) and example.dtype == np.uint8
+    # Stored as JSON (no input schema to type it): integers 0-255, which the model takes as uint8.
+    assert example.shape == (1, 64, 64, 3) and example.dtype.kind in "iu" and 0 <= example.min() <= example.max() <= 255
 
     weights = next(Path(mlflow.artifacts.download_artifacts(uri)).rglob("weights.ckpt"))
     full, inference = load_checkpoint(result.checkpoint), load_checkpoint(weights)
@@ -158,3 +166,103 @@ def test_the_run_carries_its_datasets_system_metrics_and_mlflows_source_tags(tra
     if head:
         assert tags["mlflow.source.git.commit"] == head
     assert (tags["variant"], tags["category"]) == ("full", "weave") and "ablation" not in tags
+
+
+def test_the_model_is_named_for_its_run_and_carries_the_test_metrics_linked_to_the_test_dataset(trained):
+    from mlflow import MlflowClient
+
+    _, _, run_id = trained
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    model = client.get_logged_model(mlflow_model.find_model(run_id))
+    assert model.name == run.info.run_name == "full-weave"  # <variant>-<category>
+    linked = {m.key: m for m in model.metrics}
+    assert {"image_auroc", "pixel_auroc", "aupro"} <= set(linked)
+    assert not [k for k in linked if "/" in k]  # no train/, proxy/ or system/ curves
+    test = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name == "weave/test")
+    for key in ("image_auroc", "aupro"):
+        assert linked[key].value == pytest.approx(run.data.metrics[key])
+        assert (linked[key].dataset_name, linked[key].dataset_digest) == ("weave/test", test.digest)
+        # Linked, not repeated: the run's history keeps one point (the chart view draws a bar per run).
+        assert len(client.get_metric_history(run_id, key)) == 1
+
+
+def test_predict_and_evaluate_take_a_registered_model_or_a_run_id(trained, tmp_path):
+    cfg, result, run_id = trained
+    version = mlflow_model.register(run_id, "weave_ref")
+    folder = Path(cfg.data.root) / "weave" / "test" / "good"
+    scores = {}
+    with one_thread():
+        for name, source in [("ckpt", ["--checkpoint", str(result.checkpoint)]),
+                             ("registry", ["--model", f"models:/weave_ref/{version.version}"]),
+                             ("run", ["--model", run_id])]:
+            assert run_cli(["predict", *source, str(folder), "--out", str(tmp_path / name)]) is None
+            scores[name] = [float(r["raw_score"]) for r in csv.DictReader(open(tmp_path / name / "predictions.csv"))]
+        assert run_cli(["evaluate", "--model", f"models:/weave_ref/{version.version}", "--no-track",
+                        "--out", str(tmp_path / "eval")]) is None
+    assert scores["registry"] == pytest.approx(scores["ckpt"]) and scores["run"] == pytest.approx(scores["ckpt"])
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    run_metrics = __import__("mlflow").MlflowClient().get_run(run_id).data.metrics
+    assert evaluated["image_auroc"] == pytest.approx(run_metrics["image_auroc"])
+    message = run_cli(["predict", str(folder), "--out", str(tmp_path / "none")])
+    assert "--model models:/" in message
+    assert "models:/nope/1" in run_cli(["predict", "--model", "models:/nope/1", str(folder), "--out", str(tmp_path)])
+
+
+def test_register_takes_a_run_name_within_a_study(trained, capsys):
+    _, _, run_id = trained
+    assert run_cli(["register", "--run", "full-weave", "--name", "by_name"]) is None
+    assert f"registered run {run_id}'s model as models:/by_name/1" in capsys.readouterr().out
+    message = run_cli(["register", "--run", "nope-weave", "--name", "by_name"])
+    assert "no finished run named 'nope-weave'" in message
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_scores_a_posted_png(trained, store, tmp_path):
+    """`make serve MODEL=models:/weave/1`: MLflow's scoring server on loopback, one base64 PNG
+    posted as README "Serve a model" shows; its score is the Python API's."""
+    import mlflow
+
+    cfg, _, run_id = trained
+    version = mlflow_model.register(run_id, "weave_served")
+    image = mlflow_model.example_images(cfg, 1)[0]
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png.getvalue()).decode()]]}})
+    port = free_port()
+    # MLflow starts `uvicorn` by name: the venv's scripts must be on PATH (as `make serve` puts them).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/weave_served/{version.version}",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 120 s"
+                time.sleep(0.5)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            served = json.loads(answer.read())["predictions"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    with one_thread():
+        local = mlflow.pyfunc.load_model(f"models:/weave_served/{version.version}").predict(image[None])
+    assert served["raw_score"] == pytest.approx(local["raw_score"].tolist(), rel=1e-5)
+    assert served["decision"] == local["decision"].tolist()
+    assert np.asarray(served["map"]).shape == (1, 64, 64)

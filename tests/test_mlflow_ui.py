@@ -1,13 +1,16 @@
-"""What README.md ("Compare ablations in the MLflow UI") (and its screenshot) shows, checked through a real `mlflow ui` on
+"""What docs/mlflow_ui.md (and its screenshots) shows, checked through a real `mlflow ui` on
 loopback over a tiny study: the parent run holds the study-level metrics and no variant of
 its own, its children hold variant, category and study tags and the switches as params, and
 the filter strings the page gives select what it says."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-
+import io
 import json
 import os
+import re
+import shutil
 import urllib.parse
 import urllib.request
 import warnings
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import empty_store, one_thread
 from recontrast import batch, pipeline, study_results
@@ -48,7 +52,10 @@ def study(synthetic_root, tmp_path_factory):
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        yield uri, _run_study(synthetic_root, folder)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            report = _run_study(synthetic_root, folder)
+        yield uri, report, printed.getvalue()
     finally:
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -72,16 +79,21 @@ def _run_study(synthetic_root: Path, folder: Path):
     return report
 
 
+def screenshot_script():
+    """Returns scripts/mlflow_screenshot.py as a module (mlflow_ui, Chromium)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "mlflow_screenshot.py"
+    spec = importlib.util.spec_from_file_location("mlflow_screenshot", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def ui(study):
     """Returns the base URL of `mlflow ui` serving the study's store on 127.0.0.1 (started the
     way scripts/mlflow_screenshot.py starts it for the screenshots)."""
-    uri, _ = study
-    script = Path(__file__).resolve().parents[1] / "scripts" / "mlflow_screenshot.py"
-    spec = importlib.util.spec_from_file_location("mlflow_screenshot", script)
-    screenshot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screenshot)
-    with screenshot.mlflow_ui(uri, timeout_s=120) as base:
+    uri = study[0]
+    with screenshot_script().mlflow_ui(uri, timeout_s=300) as base:  # a loaded machine starts it slowly
         yield base
 
 
@@ -107,7 +119,7 @@ def fields(run: dict, kind: str) -> dict[str, object]:
 
 
 def test_the_parent_run_holds_the_study_metrics_and_no_variant_of_its_own(ui, study):
-    _, report = study
+    report = study[1]
     parents = search(ui, f"tags.recontrast_role = 'study' and tags.study = '{STUDY}'")
     assert [p["info"]["run_id"] for p in parents] == [report.parent_run_id]
     parent = parents[0]
@@ -131,7 +143,7 @@ def test_the_parent_run_holds_the_study_metrics_and_no_variant_of_its_own(ui, st
 
 
 def test_the_children_carry_variant_category_study_tags_and_the_switches_as_params(ui, study):
-    _, report = study
+    report = study[1]
     children = search(ui, f"tags.mlflow.parentRunId = '{report.parent_run_id}'")
     assert len(children) == 2
     for child in children:
@@ -141,12 +153,11 @@ def test_the_children_carry_variant_category_study_tags_and_the_switches_as_para
         assert child["info"]["run_name"] == f"{tags['variant']}-weave"
         assert {d["dataset"]["name"] for d in child["inputs"]["dataset_inputs"]} == {
             "weave/train", "weave/val", "weave/test"}
-        assert child["outputs"]["model_outputs"]  # the logged MLflow model 'detector'
+        assert child["outputs"]["model_outputs"]  # the logged MLflow model '<variant>-weave'
 
 
 def test_the_filter_strings_of_the_ui_page_select_what_they_say(ui, study):
-    """The strings README.md ("Compare ablations in the MLflow UI") tells a reader to type into the UI's search box."""
-    _, report = study
+    """The strings docs/mlflow_ui.md ("Filter strings that work") tells a reader to type into the UI's search box."""
     names = lambda runs: sorted(r["info"]["run_name"] for r in runs)  # noqa: E731
     assert names(search(ui, f"tags.study = '{STUDY}'")) == ["full-weave", "no_da-weave", f"study:{STUDY}"]
     assert names(search(ui, f"tags.study = '{STUDY}' and tags.variant = 'no_da'")) == ["no_da-weave"]
@@ -160,9 +171,40 @@ def test_the_filter_strings_of_the_ui_page_select_what_they_say(ui, study):
 
 
 def test_the_study_option_registers_the_full_variants_model_per_category(ui, study):
-    _, report = study
+    report = study[1]
     full = next(r for r in report.results if r.variant == "full")
     versions = api(ui, "model-versions/search", filter="name = 'weave'")["model_versions"]
     assert [(v["version"], v["run_id"]) for v in versions] == [("1", full.run_id)]
     assert {t["key"]: t["value"] for t in versions[0]["tags"]} == {"category": "weave", "variant": "full",
                                                                    "study": STUDY}
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Chromium: apt-get install -y chromium")
+def test_the_printed_link_opens_the_studys_runs_in_the_ml_view_and_the_parent_shows_its_delta_figure(ui, study):
+    """A real Chromium opens the link the batch printed (its host swapped for this test's
+    `mlflow ui`): the study's runs in the runs table, then the parent's delta figure."""
+    report, printed = study[1], study[2]
+    assert re.search(r"no_da +[-+]\d+\.\d\d +[-+]\d+\.\d\d +[-+]\d+\.\d\d", printed)  # the delta table
+    link = re.search(r"MLflow UI \(`make ui`\): (\S+)", printed).group(1)
+    assert "workflowType=machine_learning" in link
+    browser = screenshot_script().Chromium(shutil.which("chromium"), 1400, 1000)
+    try:
+        browser.open(link.replace(study_results.LOCAL_UI, ui), f"study:{STUDY}")
+        text = browser.js("document.body.innerText")
+        assert "Model training" in text and "3 matching runs" in text  # the ML view, filtered to the study
+        browser.click('[data-component-id$="runnamecellrenderer.tsx_46"]')  # expand the parent: its children
+        browser.wait_for_text("no_da-weave")
+        assert "full-weave" in browser.js("document.body.innerText")
+        # The parent's artifacts: the delta figure is its one file (MLflow lists folders first).
+        exp = re.search(r"#/experiments/(\d+)/", link).group(1)
+        browser.open(f"{ui}/#/experiments/{exp}/runs/{report.parent_run_id}/artifacts?workflowType=machine_learning",
+                     "deltas.png")
+        text = browser.js("document.body.innerText")
+        assert text.index("comparison") < text.index("deltas.png") and "deltas.csv" not in text
+        browser.js("[...document.querySelectorAll('*')].filter(e => e.textContent.trim() === 'deltas.png').pop().click()")
+        # The figure is shown: an image of the written file's width, decoded by the browser.
+        width = Image.open(Path(report.results[0].folder).parents[1] / "deltas.png").width
+        browser._until(lambda: browser.js(f"[...document.images].some(i => i.complete && i.naturalWidth == {width})"),
+                       60, "the delta figure was not shown")
+    finally:
+        browser.close()

@@ -85,3 +85,58 @@ def test_quick_demo_trains_evaluates_and_compares_through_the_notebooks(tmp_path
     assert {"full/aupro_mean", "no_da/aupro_mean", "no_da/aupro_delta"} <= set(parent.data.metrics)
     compared = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
     assert {"comparison/image_auroc.csv", "comparison/deltas.png", "comparison/04_ablations.ipynb"} <= compared
+
+
+def jupyterlab_save(nb):
+    """Returns `nb` as JupyterLab saves it after a run: outputs and counts, cell timings
+    (record timing on), widget state, the kernel's language details, papermill's metadata."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    nb.metadata["language_info"] = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
+                                    "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
+                                    "pygments_lexer": "ipython3", "version": "3.11.7"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"abc": {"model_name": "x"}},
+                                                                          "version_major": 2, "version_minor": 0}}
+    nb.metadata["papermill"] = {"duration": 12.5, "parameters": {"study": "demo"}}
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = i
+        cell.outputs = [nbformat.v4.new_output("stream", text=f"{i}\n"),
+                        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})]
+        cell.metadata["execution"] = {"iopub.execute_input": "2026-12-06T02:00:00.000Z",
+                                      "shell.execute_reply": "2026-12-06T02:00:01.000Z"}
+        cell.metadata["ExecuteTime"] = {"end_time": "2026-12-06T02:00:01Z", "start_time": "2026-12-06T02:00:00Z"}
+        cell.metadata["papermill"] = {"duration": 1.0, "status": "completed"}
+        cell.metadata["scrolled"] = True
+    return nb
+
+
+def hook_args() -> list[str]:
+    import yaml
+
+    hooks = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text())["repos"][0]["hooks"]
+    return next(h for h in hooks if h["id"] == "nbstripout")["args"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_a_notebook_saved_by_jupyterlab_strips_to_its_committed_form(name, tmp_path):
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    nbstripout = shutil.which("nbstripout") or str(Path(sys.executable).with_name("nbstripout"))
+    if not Path(nbstripout).exists():
+        pytest.skip("nbstripout is not installed (pip install -e .[dev])")
+    committed = (NOTEBOOKS / name).read_text()
+    saved = tmp_path / name
+    nbformat.write(jupyterlab_save(nbformat.reads(committed, as_version=4)), saved)
+    assert saved.read_text() != committed
+    subprocess.run([nbstripout, *hook_args(), str(saved)], check=True, cwd=tmp_path)
+    assert saved.read_text() == committed  # byte for byte: a clean diff
+    # `make strip-notebooks` strips with the hook's very arguments.
+    makefile = (REPO / "Makefile").read_text()
+    line = next(x for x in makefile.splitlines() if x.startswith("NBSTRIPOUT_ARGS"))
+    assert shlex.split(line.split(":=", 1)[1]) == hook_args()

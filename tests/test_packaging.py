@@ -16,7 +16,8 @@ def test_environment_yml_lists_the_same_requirements_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert sorted(project["dependencies"]) == sorted(pip_section)
+    assert pip_section[-1] == "-e ."  # the project itself: `conda env create` gives a working `recontrast`
+    assert sorted(project["dependencies"]) == sorted(pip_section[:-1])
     assert "python=3.11" in env["dependencies"]
 
 
