@@ -168,32 +168,49 @@ def points(rows: list[dict], category: str) -> list[tuple[str, float, dict]]:
 
 
 def figure(rows: list[dict], category: str, path: Path) -> None:
-    """Draws one panel per metric: x CPU minutes, y the metric; peers as stars."""
+    """Draws one panel per metric: x CPU minutes, y the metric; a colour per trained setting
+    (its recipe map a large dot, each map variant its own small marker), peers as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     found = points(rows, category)
     shown = [k for k in SHOWN if any(math.isfinite(m.get(k) or math.nan) for _, _, m in found)]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], shown):
+    settings = list(dict.fromkeys(label.split("+")[0] for label, _, _ in found if label not in ("padim", "patchcore")))
+    colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(settings)}
+    markers = {name: m for name, m in zip(MAPS, "os^v<>Dp")}
+    cols = min(2, len(shown))
+    fig, axes = plt.subplots((len(shown) + cols - 1) // cols, cols, figsize=(6 * cols, 3.6 * ((len(shown) + 1) // 2)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, shown):
         for label, minutes, m in found:
             value = m.get(key)
             if value is None or not math.isfinite(value):
                 continue
-            peer_ = label in ("padim", "patchcore")
-            ax.scatter(minutes, 100 * value, marker="*" if peer_ else ("o" if "+" not in label else "."),
-                       s=140 if peer_ else 36, color="crimson" if peer_ else None, zorder=3)
-            ax.annotate(label, (minutes, 100 * value), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            if label in ("padim", "patchcore"):
+                ax.scatter(minutes, 100 * value, marker="*", s=220, color="crimson" if label == "padim" else "black",
+                           zorder=4)
+                continue
+            setting, _, variant = label.partition("+")
+            ax.scatter(minutes, 100 * value, marker=markers.get(variant or "recipe", "o"),
+                       s=70 if not variant else 30, color=colours[setting], alpha=1.0 if not variant else 0.7, zorder=3)
         ax.set_title(key)
         ax.set_xlabel("CPU minutes (fit + evaluation)")
+        ax.set_ylabel("%")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("%")
-    fig.suptitle(f"{category}: accuracy vs compute (ReContrast settings, PaDiM / PatchCore as stars)")
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    handles = [Line2D([], [], marker="o", ls="", color=colours[s], label=s) for s in settings]
+    handles += [Line2D([], [], marker=markers[n], ls="", color="grey", label=f"map: {n}") for n in MAPS]
+    handles += [Line2D([], [], marker="*", ls="", markersize=12, color=c, label=n)
+                for n, c in (("PaDiM", "crimson"), ("PatchCore 1 %", "black"))]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle(f"{category}: accuracy vs compute (ReContrast settings and map variants; peers as stars)")
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -217,6 +234,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every setting (before the setting's own)")
     parser.add_argument("--out", default="bench_out/compute")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    parser.add_argument("--report-only", action="store_true", help="redraw the figures and the table from rows.json")
     parser.add_argument("--correlation", action="store_true",
                         help="no training: evaluate the map variants a trained model lacks, and every model's proxy "
                              "metrics with today's proxy set, ranked against the real metrics")
@@ -226,6 +244,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "rows.json"
     rows: list[dict] = json.loads(saved.read_text()) if saved.is_file() else []
+    if args.report_only:
+        for category in dict.fromkeys(r["category"] for r in rows):
+            figure(rows, category, Path(args.figures) / f"compute_{category}.png")
+        (out / "compute.md").write_text(markdown(rows) + "\n")
+        print(markdown(rows))
+        return
     if args.correlation:
         for r in rows:
             r.setdefault("checkpoint", str(out / r["setting"] / "recontrast" / r["category"] / "last.ckpt"))
