@@ -25,7 +25,7 @@ from recontrast.study import load_study, plan
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = list(synthetic.CATEGORIES[:2])
-TIMED = ("per_s", "seconds", "heartbeat")  # metrics that measure time, not the model
+TIMED = ("per_s", "seconds", "heartbeat", "system/")  # metrics that measure time or the machine, not the model
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install -e '.[cluster]' (the dev extra has it)")
 

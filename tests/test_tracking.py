@@ -35,6 +35,8 @@ def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 def test_tracking_uri_defaults_to_sqlite_in_the_repo_and_follows_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RECONTRAST_ROOT", raising=False)  # the root is where the user works: here, the repo
+    monkeypatch.chdir(REPO)
     assert mlflow_store.tracking_uri() == f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
     assert mlflow_store.artifact_location(mlflow_store.tracking_uri()) == (REPO / "mlruns" / "artifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
