@@ -21,11 +21,16 @@ install: $(STAMP)
 
 # The full suite (CI runs it); test-fast is a developer's loop: unit tests on tiny shapes, no
 # servers, Ray, torchrun, papermill or browser (markers e2e and slow, pyproject.toml).
+# Both run on PYTEST_WORKERS processes (pytest-xdist; 0 = one process): most tests keep one
+# core busy or wait on a child process, so two workers use a 2-core machine's second core.
+# Tests of one xdist_group (the Ray ones) run on the same worker, one after the other.
+PYTEST_WORKERS ?= 2
+XDIST = -n $(PYTEST_WORKERS) --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not e2e and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recontrast tests benchmarks notebooks

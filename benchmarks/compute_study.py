@@ -29,9 +29,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import categories  # noqa: E402 - benchmarks/categories.py, beside this file
 
-# What a setting changes on top of the default recipe (experiments/cpu_default.yaml).
+# What a setting changes on top of REFERENCE: experiments/cpu_default.yaml as it was when the
+# study began (encoder BN in eval mode, fp32, one training), so that every row keeps its meaning
+# while the recipe moves. "recipe" is cpu_default.yaml as it is now, REFERENCE not applied.
+REFERENCE = ["model.encoder_bn=eval", "train.precision=fp32", "train.bn_fallback=false"]
 SETTINGS = {
-    "default": [],
+    "default": [],  # REFERENCE itself (named so in the rows of the earlier runs)
+    "recipe": [],
     "seed1": ["train.seed=1"],  # the run-to-run noise every other difference is read against
     "bn_train": ["model.encoder_bn=train"],
     "no_da": ["model.domain_adaptation=false"],
@@ -44,7 +48,11 @@ SETTINGS = {
     "width3": ["model.width_mult=3.0"],
     "stable": ["train.stable=true"],
     "bf16": ["train.precision=bf16"],
+    "bn_train_bf16": ["model.encoder_bn=train", "train.precision=bf16"],
+    "bf16_seed1": ["train.precision=bf16", "train.seed=1"],
 }
+
+
 # Map variants evaluated on every trained model (eval.* overrides; "recipe" is the model's own).
 MAPS = {
     "recipe": {},
@@ -62,8 +70,9 @@ def study_row(category: str, root: Path, setting: str, out: Path, threads: int, 
 
 
 
+    base = [] if setting == "recipe" else REFERENCE
     row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
-                                    [*extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
+                                    [*base, *extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
     row.pop("points", None)
     return {**row, "setting": setting, "maps": map_variants(row)}
 

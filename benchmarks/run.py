@@ -168,10 +168,44 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
             "batch_size": bs, "image_size": cfg.data.image_size, "backbone": cfg.model.backbone, "naive": naive}
 
 
-# The training-cost settings the speed section compares side by side (train.precision, train.cache_features).
-THROUGHPUT = {"fp32": [], "bf16": ["train.precision=bf16"], "fp32_cache": ["train.cache_features=true"],
-              "bf16_cache": ["train.precision=bf16", "train.cache_features=true"],
-              "bf16_cache_compile": ["train.precision=bf16", "train.cache_features=true", "model.compile=true"]}
+# The training-cost settings the speed section compares side by side (issue 20): name ->
+# (overrides, OMP_WAIT_POLICY of the worker (None: unset, OpenMP's default), the recipe's
+# eval_every). "issue" is the recipe as issue 20 measured it (encoder BN eval, fp32, the frozen
+# encoder run every step, OpenMP's default spin-wait, a proxy evaluation every 40 iterations);
+# "recipe" is experiments/cpu_default.yaml as it now is (encoder BN train). The rows between
+# change one thing at a time.
+F32, B16, BN_EVAL = "train.precision=fp32", "train.precision=bf16", "model.encoder_bn=eval"
+NO_CACHE, CACHE = "train.cache_features=false", "train.cache_features=true"
+THROUGHPUT = {
+    "issue": ([BN_EVAL, F32, NO_CACHE], None, 40),
+    "passive": ([BN_EVAL, F32, NO_CACHE], "PASSIVE", 40),
+    "passive_cache": ([BN_EVAL, F32, CACHE], "PASSIVE", 70),
+    "bf16": ([BN_EVAL, B16, NO_CACHE], None, 40),
+    "bf16_passive_cache": ([BN_EVAL, B16, CACHE], "PASSIVE", 70),
+    "recipe": ([], "PASSIVE", None),
+}
+RECIPE_ITERS = 280  # cpu_default.yaml's train.iters: the proxy evaluations are counted per 280 iterations
+
+
+def throughput_table(rows: dict) -> str:
+    """Returns the throughput rows as one markdown table (what docs/speed.md quotes)."""
+    lines = ["| row | precision | feature cache | OMP_WAIT_POLICY | it / CPU-min (steps) | it / CPU-min (recipe, "
+             "with its proxy evaluations) | x issue | it / wall-min | loss at the last iteration | one proxy "
+             "evaluation, CPU s | load before -> after |", "|---" * 11 + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['precision']} | {r['cache_features']} | {r['omp_wait_policy']} | "
+                     f"{r['it_per_cpu_min']:.1f} | {r['recipe_it_per_cpu_min']:.1f} | {r['speedup_vs_issue']:.2f}x | "
+                     f"{r['it_per_wall_min']:.1f} | {r['final_loss']:.3f} | {r['proxy_eval_cpu_s'] or 0:.1f} | "
+                     f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
+    return "\n".join(lines)
+
+
+def recipe_rate(row: dict, eval_every: int) -> float:
+    """Returns training iterations per CPU-minute of a 280-iteration run that also runs its
+    proxy evaluations every `eval_every` iterations (what a recipe's training costs)."""
+    evals = RECIPE_ITERS // eval_every if eval_every else 1
+    cpu = RECIPE_ITERS * row["cpu_s"] / row["iters"] + evals * (row["proxy_eval_cpu_s"] or 0.0)
+    return 60 * RECIPE_ITERS / cpu
 
 
 def train_throughput(config: str, overrides: list[str], threads: int, iters: int) -> dict:
@@ -185,11 +219,13 @@ def train_throughput(config: str, overrides: list[str], threads: int, iters: int
     from recontrast.data import build_datasets
     from recontrast.evaluate import proxy_metrics
     from recontrast.pipeline import proxy_dataset
+    from recontrast.runtime import autocast_dtype
     from recontrast.train import train
 
     torch.set_num_threads(threads)
-    cfg = _config(config, overrides + [f"train.iters={iters}", "train.eval_every=0", "tracking.enabled=false",
+    cfg = _config(config, overrides + [f"train.iters={iters}", "tracking.enabled=false",
                                        f"train.checkpoint_every={iters}"])
+    eval_every, cfg.train.eval_every = cfg.train.eval_every, 0  # timed once below, counted by recipe_rate
     datasets = build_datasets(cfg.data)
     load, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
     result = train(cfg, datasets=datasets)
@@ -200,8 +236,9 @@ def train_throughput(config: str, overrides: list[str], threads: int, iters: int
     return {"iters": iters, "cpu_s": cpu, "wall_s": wall, "it_per_cpu_min": 60 * iters / cpu,
             "it_per_wall_min": 60 * iters / wall, "final_loss": result.loss_history[-1],
             "proxy_eval_cpu_s": time.process_time() - cpu1 if proxy is not None else None,
-            "load_before": load, "load_after": os.getloadavg()[0], "precision": cfg.train.precision,
-            "cache_features": cfg.train.cache_features, **peak_memory()}
+            "load_before": load, "load_after": os.getloadavg()[0],
+            "precision": str(autocast_dtype(cfg.train.precision, "cpu") or "fp32").removeprefix("torch."),
+            "cache_features": cfg.train.cache_features, "eval_every": eval_every, **peak_memory()}
 
 
 def inference_speed(config: str, overrides: list[str], threads: int, batch_size: int, n_images: int,
@@ -430,11 +467,19 @@ def main() -> None:
     if "speed" in sections:
         speed = {"train": in_subprocess(train_step_time, args.config, base, args.threads, 3, False)}
         # The default recipe's loop under each cost setting, side by side in this one run (issue 20).
-        throughput = {name: in_subprocess(train_throughput, args.recipe, base + extra, args.threads, args.speed_iters)
-                      for name, extra in THROUGHPUT.items()}
+        from recontrast.runtime import environment
+
+        throughput = {}
+        for name, (extra, omp_wait, eval_every) in THROUGHPUT.items():
+            with environment(OMP_WAIT_POLICY=omp_wait):  # read by the spawned worker when it loads torch
+                row = in_subprocess(train_throughput, args.recipe, base + extra, args.threads, args.speed_iters)
+            row["eval_every"] = row["eval_every"] if eval_every is None else eval_every
+            row.update(omp_wait_policy=omp_wait or "(OpenMP default)", recipe_it_per_cpu_min=recipe_rate(row, row["eval_every"]))
+            throughput[name] = row
         for name, row in throughput.items():
-            row["speedup_vs_fp32"] = row["it_per_cpu_min"] / throughput["fp32"]["it_per_cpu_min"]
+            row["speedup_vs_issue"] = row["recipe_it_per_cpu_min"] / throughput["issue"]["recipe_it_per_cpu_min"]
             show(f"speed/throughput/{name}", row)
+        print(throughput_table(throughput), flush=True)
         speed["throughput"] = throughput
         for bs in (1, 16):
             speed[f"inference_b{bs}"] = in_subprocess(inference_speed, args.config, base, args.threads, bs, 32)

@@ -34,7 +34,7 @@ from recontrast.mlflow_store import (RUN_ID_FILE, Tag, experiment_id, fix_stale_
 from recontrast.preflight import checkpoint_progress
 from recontrast.ray_executor import RayOptions, check_options, connected, import_ray, run_pairs
 from recontrast.runtime import PROGRESS_LINES_ENV, ROOT_ENV, environment, notebook_folder, project_root
-from recontrast.study import (SUPERSEDED_TAG, Job, PairStatus, Study, changed_keys, check_name, load_study, plan,
+from recontrast.study import (Job, PairStatus, Study, changed_keys, check_name, load_study, plan,
                               study_status, switches)
 from recontrast.study_results import (delta_table, log_comparison, log_study_metrics, study_results, ui_link,
                                       write_delta_table)
@@ -440,7 +440,7 @@ def _mark_done(job: Job, result: PairResult) -> None:
     if job.track and old and old != result.run_id:
         try:
             tracking.Run(old, get_client(uri=job.uri or None)).set_tags(
-                {SUPERSEDED_TAG: result.run_id or "?", "superseded_reason": started.get("reason", "")[:5000]})
+                {Tag.SUPERSEDED_BY: result.run_id or "?", Tag.SUPERSEDED_REASON: started.get("reason", "")[:5000]})
         except Exception as err:  # the new result is kept either way
             log.warning("could not mark run %s as superseded by %s: %s", old, result.run_id, err)
 

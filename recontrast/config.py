@@ -5,6 +5,7 @@ Defaults are the paper's choices (see docs/method.md); every deviation is a swit
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -124,6 +125,13 @@ class TrainConfig:
     sync_bn: bool = True
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
+    # A label-free second chance (docs/recipe.md, "The default recipe"): when the health check
+    # flags a finished training not_converged, it is trained once more from the start with the
+    # trainable encoder's BatchNorm in the other mode (train <-> eval), and that second run is
+    # the result; the first stays in <train.out>/attempt1 and its MLflow run is tagged
+    # superseded_by. Off in the paper (one training, whatever its health). Nothing to change,
+    # so no second training, without domain adaptation or with train.stable (always train mode).
+    bn_fallback: bool = False
     # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
     # "proxy" (the evaluation with the best proxy/score, every eval_every iterations; no
     # test label is used). best.ckpt holds them; last.ckpt stays the resume point.
@@ -225,6 +233,16 @@ def encoder_bn_mode(cfg: Config) -> str:
     if cfg.model.encoder_bn != "auto":
         return cfg.model.encoder_bn
     return "eval" if cfg.data.category in BN_EVAL_CATEGORIES else "train"
+
+
+ATTEMPT1 = "attempt1"  # <train.out>/attempt1: a run's first training, once train.bn_fallback retrained it
+
+
+def fallback_config(cfg: Config) -> Config:
+    """Returns a copy of cfg for train.bn_fallback's second training: the trainable encoder's
+    BatchNorm in the mode cfg does not use, and no further fallback."""
+    other = "eval" if encoder_bn_mode(cfg) == "train" else "train"
+    return apply_overrides(copy.deepcopy(cfg), {"model.encoder_bn": other, "train.bn_fallback": False})
 
 
 def stable_loss_config(cfg: Config) -> LossConfig:

@@ -50,6 +50,9 @@ class Tag:
     ROLE, ROLE_STUDY, ROLE_COMPARISON = "recontrast_role", "study", "comparison"
     VARIANTS, CATEGORIES, SWITCHES, STUDY_FILE = "variants", "categories", "switches", "study_file"
     PAIRS_DONE, PAIRS_FAILED, BASELINE = "pairs_done", "pairs_failed", "baseline"
+    # On a run another one replaced (a study pair run again, a training train.bn_fallback redid):
+    # the new run's id and why; on the new one, with train.bn_fallback, the flagged first run's id.
+    SUPERSEDED_BY, SUPERSEDED_REASON, FALLBACK_OF = "superseded_by", "superseded_reason", "fallback_of"
 
 
 class StoreUnreachable(ConnectionError):

@@ -10,6 +10,7 @@ Modules below this one never call MLflow or write reports on their own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import warnings
@@ -19,13 +20,14 @@ from typing import Any, Sequence
 
 from recontrast import plots, tracking
 from recontrast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recontrast.config import Config, apply_overrides, load_config, validate, warmup_iters
+from recontrast.config import (ATTEMPT1, Config, apply_overrides, encoder_bn_mode, fallback_config, load_config,
+                               validate, warmup_iters)
 from recontrast.data import Datasets, build_datasets
 from recontrast.defects import ProxyDataset
-from recontrast.distributed import is_main_process
+from recontrast.distributed import is_main_process, world
 from recontrast.evaluate import PROXY_PREFIX, EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
-from recontrast.locks import folder_lock
+from recontrast.locks import LOCK_FILE, folder_lock
 from recontrast.mlflow_store import (Tag, check_reachable, get_client, run_of_folder, tracking_uri,
                                      write_run_id)
 from recontrast.model import load_model
@@ -131,9 +133,50 @@ def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOpti
     lock = (folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)")
             if owner else contextlib.nullcontext())
     with lock:
+        if (Path(cfg.train.out) / ATTEMPT1).is_dir() and fallback_applies(cfg):
+            cfg = fallback_config(cfg)  # this folder is on its second training: that is what resumes
         if opts.resume:
             check_resumable(cfg)
-        return _run_training(cfg, data, opts)
+        found = _run_training(cfg, data, opts)
+        return _train_again(cfg, data, opts, found) if falls_back(cfg, found[0].health) else found
+
+
+def fallback_applies(cfg: Config) -> bool:
+    """Returns whether train.bn_fallback may retrain cfg: asked for, a trainable encoder whose
+    BatchNorm mode can change (not the stable variant), and one process (under torchrun every
+    rank would have to agree)."""
+    return (cfg.train.bn_fallback and cfg.model.domain_adaptation and not cfg.train.stable
+            and not world().distributed)
+
+
+def falls_back(cfg: Config, health: Health | None) -> bool:
+    """Returns whether a training of cfg with this health is trained again (train.bn_fallback)."""
+    return fallback_applies(cfg) and health is not None and health.status == NOT_CONVERGED
+
+
+def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
+    """Returns what run_training returns for train.bn_fallback's second training, after moving
+    the flagged first one into <train.out>/attempt1 and marking its MLflow run superseded."""
+    result, _, first_run = first
+    out, second = Path(cfg.train.out), fallback_config(cfg)
+    said = (f"train.bn_fallback: the training with the encoder's BatchNorm in {encoder_bn_mode(cfg)} mode did not "
+            f"converge ({'; '.join(result.health.reasons)}); training it again with model.encoder_bn="
+            f"{second.model.encoder_bn}. The first training is kept in {out / ATTEMPT1}")
+    log.warning(said)  # and in result.warnings, which notebook 02 prints
+    (out / ATTEMPT1).mkdir()
+    for item in out.iterdir():
+        if item.name not in (ATTEMPT1, LOCK_FILE):
+            item.rename(out / ATTEMPT1 / item.name)
+    tags = {**(opts.tags or {}), **({Tag.FALLBACK_OF: first_run} if first_run else {})}
+    found = _run_training(second, data, dataclasses.replace(opts, resume=False, tags=tags))
+    found[0].warnings.insert(0, said)
+    found[0].attempts, found[0].fit_seconds = 2, found[0].fit_seconds + result.fit_seconds
+    if first_run and found[2]:
+        with contextlib.suppress(Exception):  # a tag is never worth failing the run that replaced it
+            client = get_client(cfg)
+            client.set_tag(first_run, Tag.SUPERSEDED_BY, found[2])
+            client.set_tag(first_run, Tag.SUPERSEDED_REASON, said[:5000])
+    return found
 
 
 def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
@@ -150,7 +193,7 @@ def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
     def finish(result: TrainResult, run: tracking.Run | None) -> EvalResult | None:
         known.health = check_health(cfg, result, run)
         known.proxy_metrics = {k: v for k, v in result.metrics.items() if k.startswith(PROXY_PREFIX)}
-        if not opts.evaluate_at_end:
+        if not opts.evaluate_at_end or falls_back(cfg, known.health):  # a flagged run trained again: no test
             return None
         return evaluate_and_store(result.model, cfg, data, result.checkpoint, out / "eval",
                                   result.selected_iteration or result.iterations, known=known)
@@ -190,7 +233,8 @@ def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
         if evaluation is not None:
             tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, uri=run.client.tracking_uri,
                                     step=result.iterations)
-        if opts.evaluate_at_end if opts.log_checkpoint is None else opts.log_checkpoint:
+        if (opts.evaluate_at_end if opts.log_checkpoint is None else opts.log_checkpoint) and not falls_back(
+                cfg, known.health):
             # After evaluation (calibrated); the folder's lock keeps any other recontrast
             # process from replacing the file since this run wrote it.
             tracking.log_trained_model(run, result.checkpoint, step=result.iterations, ckpt=known.checkpoint_state)

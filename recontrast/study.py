@@ -31,7 +31,6 @@ from recontrast.runtime import project_root
 
 log = logging.getLogger(__name__)
 
-SUPERSEDED_TAG = "superseded_by"  # on a pair's run that a rerun of the pair replaced: the new run's id
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
 
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from recontrast import tracking
 from recontrast.mlflow_store import RunStatus, Tag, experiment_id, get_client, quote, retry
-from recontrast.study import METRICS, SUPERSEDED_TAG, load_study, switches
+from recontrast.study import METRICS, load_study, switches
 
 
 def _experiment_ids(client, experiment: str | None) -> list[str]:
@@ -41,7 +41,7 @@ def study_results(study: str, experiment: str | None = None, uri: str | None = N
                                       order_by=["attributes.start_time DESC"]):
             if run.data.tags.get(Tag.ROLE) == Tag.ROLE_STUDY:
                 parent = parent or run.data.tags  # the latest parent run
-            elif not run.data.tags.get(Tag.ROLE) and not run.data.tags.get(SUPERSEDED_TAG):
+            elif not run.data.tags.get(Tag.ROLE) and not run.data.tags.get(Tag.SUPERSEDED_BY):
                 runs.append(run)  # a pair's run (not a comparison run), not replaced by a rerun of its pair
     columns = _switches(parent or {})
     rows = []

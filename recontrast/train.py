@@ -76,6 +76,7 @@ class TrainResult:
     fit_seconds: float = 0.0  # wall time of this call's training loop (checkpoints included)
     selected_iteration: int | None = None  # train.select=proxy: the iteration whose weights were kept
     health: Any = None  # health.Health, set by the pipeline once training ended
+    attempts: int = 1  # 2 when train.bn_fallback trained it again (fit_seconds counts both)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, iteration: int, drop_last: bool) -> torch.Tensor:

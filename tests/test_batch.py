@@ -158,6 +158,7 @@ def test_parallel_jobs_get_their_own_gpu(store, tmp_path, monkeypatch):
     assert sorted(r.error for r in report.results) == ["3", "5"]
 
 
+@pytest.mark.slow
 def test_the_switch_columns_are_the_keys_the_variants_set(store, tmp_path):
     """A new ablation switch needs no list to extend: the study's variants name it."""
     from recontrast import study_results, tracking

@@ -93,3 +93,20 @@ def test_compute_study_points_put_map_variants_at_their_models_cost():
     assert [(label, minutes) for label, minutes, _ in found] == [("default", 10.0), ("default+levels110", 10.0),
                                                                   ("padim", 1.0)]
     assert "| bar | default+levels110 | 10.0 | n/a | 95.00 |" in study.markdown([row, peer])
+
+
+def test_throughput_rows_count_the_recipes_proxy_evaluations_and_compare_with_the_issues_recipe():
+    bench = _bench()
+    assert bench.THROUGHPUT["issue"] == (["model.encoder_bn=eval", "train.precision=fp32", "train.cache_features=false"],
+                                         None, 40)
+    # 10 timed iterations of 3 CPU-s, a 6 CPU-s proxy evaluation every 70 of 280 iterations: 4 of them.
+    row = {"iters": 10, "cpu_s": 30.0, "proxy_eval_cpu_s": 6.0}
+    assert bench.recipe_rate(row, 70) == pytest.approx(60 * 280 / (280 * 3 + 4 * 6))
+    assert bench.recipe_rate(row, 0) == pytest.approx(60 * 280 / (280 * 3 + 6))  # evaluated once, at the end
+    rows = {name: {**row, "precision": "fp32", "cache_features": False, "omp_wait_policy": "PASSIVE",
+                   "it_per_cpu_min": 20.0, "recipe_it_per_cpu_min": rate, "speedup_vs_issue": rate / 10,
+                   "it_per_wall_min": 40.0, "final_loss": 1.5, "load_before": 0.5, "load_after": 1.0}
+            for name, rate in (("issue", 10.0), ("recipe", 18.0))}
+    table = bench.throughput_table(rows).splitlines()
+    assert len(table) == 4 and table[3].startswith("| recipe | fp32 | False | PASSIVE | 20.0 | 18.0 | 1.80x |")
+

@@ -223,6 +223,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e  # a real `mlflow models serve`
 def test_mlflow_models_serve_scores_a_posted_png(trained, store, tmp_path):
     """`make serve MODEL=models:/weave/1`: MLflow's scoring server on loopback, one base64 PNG
     posted as README "Serve a model" shows; its score is the Python API's."""

@@ -25,3 +25,16 @@ def test_torch_pin_admits_the_pair_that_installs_offline():
     deps = {_name(d): d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
     assert deps["torch"] == "torch>=2.4,<2.15"  # 2.14.1 lies on the dev/CI disk
     assert deps["torchvision"] == "torchvision>=0.19,<0.30"  # 0.29.1 pairs with it
+
+
+def test_recontrast_makes_openmp_threads_sleep_unless_told_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    code = "import recontrast, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        done = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected

@@ -185,3 +185,37 @@ def test_post_training_work_is_done_once(weave, tmp_path, monkeypatch, store):
     assert run_id and "proxy/score" in evaluation.metrics
     assert evaluation.metrics["proxy/score"] == result.metrics["proxy/score"]
     assert calls == {"assess": 1, "proxy_metrics": 1, "proxy_set": 1, "read": 1}
+
+
+@pytest.mark.slow
+def test_bn_fallback_trains_a_flagged_run_again_with_the_other_bn_mode_and_keeps_the_first(weave, tmp_path, store):
+    """A learning rate of 1.0 stalls the loss: with train.bn_fallback the run is trained again
+    with the encoder's BN in eval mode (weave's is train), the first training moves to
+    attempt1/ and its MLflow run points to the one that replaced it; a resume continues the
+    second training."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    cfg = lite_cfg(weave, out, **{"train.lr": 1.0, "train.bn_fallback": True, "tracking.enabled": True,
+                                  "tracking.experiment": "fallback", "train.checkpoint_every": 10})
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        result, evaluation, run_id = pipeline.run_training(cfg)
+    assert result.warnings[0].startswith("train.bn_fallback: the training with the encoder's BatchNorm in train mode")
+    assert load_checkpoint(out / "attempt1" / "last.ckpt")["config"]["model"]["encoder_bn"] == "auto"  # weave: train
+    assert load_checkpoint(out / "last.ckpt")["config"]["model"]["encoder_bn"] == "eval"
+    assert evaluation is not None and not (out / "attempt1" / "eval").exists()  # the flagged one is not tested
+    client = MlflowClient(store)
+    first = (out / "attempt1" / "mlflow_run_id").read_text().strip()
+    assert (out / "mlflow_run_id").read_text().strip() == run_id != first
+    assert client.get_run(first).data.tags["superseded_by"] == run_id
+    assert client.get_run(run_id).data.tags["fallback_of"] == first
+    assert client.get_run(run_id).data.params["model.encoder_bn"] == "eval"
+
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "attempt1").iterdir()}
+    more = lite_cfg(weave, out, **{"train.lr": 1.0, "train.bn_fallback": True, "train.iters": 40,
+                                   "tracking.enabled": True, "tracking.experiment": "fallback"})
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        resumed, _, resumed_run = pipeline.run_training(more, resume=True)
+    assert resumed_run == run_id and resumed.iterations == 40
+    assert load_checkpoint(out / "last.ckpt")["config"]["model"]["encoder_bn"] == "eval"
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "attempt1").iterdir()} == kept  # untouched

@@ -89,6 +89,7 @@ def summary(client) -> dict:
 
 @needs_ray
 @pytest.mark.e2e
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time (make test: -n 2 --dist loadgroup)
 def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, tmp_path, tmp_path_factory,
                                                                 monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -162,6 +163,7 @@ def ray_instance():
 
 @needs_ray
 @pytest.mark.e2e
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time (make test: -n 2 --dist loadgroup)
 def test_a_killed_worker_is_reported_failed_or_retried_and_no_run_stays_running(
         synthetic_root, tmp_path, tmp_path_factory, monkeypatch, ray_instance):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -28,7 +28,9 @@ import pytest
 
 from conftest import killed_run, run_cli, write_config
 
-pytestmark = pytest.mark.e2e  # a real server: make test runs it, make test-fast does not
+# A real server: make test runs it, make test-fast does not. One pytest worker runs them all
+# (make test: -n 2 --dist loadgroup), so the PostgreSQL this module may start is its own.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("postgres")]
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS, STEPS, ARTIFACT_BYTES = 8, 100, 200_000
