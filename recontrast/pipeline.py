@@ -173,9 +173,8 @@ def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
     found[0].attempts, found[0].fit_seconds = 2, found[0].fit_seconds + result.fit_seconds
     if first_run and found[2]:
         with contextlib.suppress(Exception):  # a tag is never worth failing the run that replaced it
-            client = get_client(cfg)
-            client.set_tag(first_run, Tag.SUPERSEDED_BY, found[2])
-            client.set_tag(first_run, Tag.SUPERSEDED_REASON, said[:5000])
+            tracking.Run(first_run, get_client(cfg)).set_tags(  # as batch marks a pair's replaced run
+                {Tag.SUPERSEDED_BY: found[2], Tag.SUPERSEDED_REASON: said[:5000]})
     return found
 
 
