@@ -2,7 +2,9 @@
 MLflow runs and numbers as the local executor; a pair whose Ray worker is killed is retried
 (resuming its checkpoint) or reported failed, never left RUNNING; Ray stays optional.
 
-Tiny studies only (resnet18 from scratch, 64 px, 2 CPUs for Ray's workers)."""
+Tiny studies only (resnet18 from scratch, 64 px, 2 CPUs for Ray's workers), without the
+comparison that ends a batch (notebook 04 runs in the driver, whichever the executor:
+tests/test_notebooks.py and tests/test_mlflow_ui.py cover it)."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +26,7 @@ from recontrast.ray_executor import RayOptions, WorkerSetupError, _check_paths
 from recontrast.study import load_study, plan
 
 REPO = Path(__file__).resolve().parents[1]
-CATEGORIES = list(synthetic.CATEGORIES[:2])
+CATEGORIES = list(synthetic.CATEGORIES[:1])  # two variants of one category: two pairs at a time
 TIMED = ("per_s", "seconds", "heartbeat", "system/")  # metrics that measure time or the machine, not the model
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install -e '.[cluster]' (the dev extra has it)")
@@ -99,7 +101,7 @@ def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, t
         client = use_store(tmp_path_factory, tmp_path / executor / "mlruns", monkeypatch)
         t0 = time.perf_counter()
         report = batch.run_study(path, jobs=2, runs_dir=tmp_path / executor / "runs",
-                                 ray=RayOptions() if executor == "ray" else None)
+                                 ray=RayOptions() if executor == "ray" else None, compare=False)
         seconds[executor] = time.perf_counter() - t0
         assert report.ok, report.summary()
         assert (sorted((r.variant, r.category, r.status) for r in report.results)
@@ -108,8 +110,8 @@ def test_a_tiny_study_on_ray_logs_what_the_local_executor_logs(synthetic_root, t
             local = summary(client)
         else:
             on_ray = summary(client)
-    print(f"tiny study, 4 pairs, 2 at a time: local {seconds['local']:.1f} s, ray {seconds['ray']:.1f} s")
-    assert on_ray["parent"] == local["parent"] == ("FINISHED", "4", "0", ["full", "no_da"], sorted(CATEGORIES))
+    print(f"tiny study, 2 pairs, 2 at a time: local {seconds['local']:.1f} s, ray {seconds['ray']:.1f} s")
+    assert on_ray["parent"] == local["parent"] == ("FINISHED", "2", "0", ["full", "no_da"], sorted(CATEGORIES))
     assert (sorted(on_ray["children"]) == sorted(local["children"])
             == sorted(f"{v}-{c}" for v in ("full", "no_da") for c in CATEGORIES))
     for name, expected in local["children"].items():
@@ -141,7 +143,7 @@ def _run_and_kill(path: Path, runs: Path, retries: int):
     ckpt_before = ckpt.stat().st_mtime if ckpt.is_file() else 0.0
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault(
-        "report", batch.run_study(path, runs_dir=runs, ray=RayOptions(max_retries=retries))))
+        "report", batch.run_study(path, runs_dir=runs, ray=RayOptions(max_retries=retries), compare=False)))
     thread.start()
     try:
         pid = _kill_when_checkpointed(folder, ckpt_before)
@@ -169,7 +171,7 @@ def test_a_killed_worker_is_reported_failed_or_retried_and_no_run_stays_running(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     client = use_store(tmp_path_factory, tmp_path / "mlruns", monkeypatch)
     # Slow enough to be killed mid-training: 40 iterations, a checkpoint every 4.
-    path = study_file(tmp_path, synthetic_root, CATEGORIES[:1], {"full": {}}, iters=40, checkpoint_every=4)
+    path = study_file(tmp_path, synthetic_root, CATEGORIES, {"full": {}}, iters=40, checkpoint_every=4)
     runs = tmp_path / "runs"
     folder = runs / "tiny" / "full" / CATEGORIES[0]
 
@@ -193,7 +195,7 @@ def test_a_killed_worker_is_reported_failed_or_retried_and_no_run_stays_running(
     history = client.get_metric_history(killed_run, "train/loss")
     assert sorted({m.step for m in history}) == list(range(1, 41))  # every step, once resumed
 
-    again = batch.run_study(path, runs_dir=runs, ray=RayOptions())  # finished pairs are not redone
+    again = batch.run_study(path, runs_dir=runs, ray=RayOptions(), compare=False)  # finished pairs are not redone
     assert [r.status for r in again.results] == ["skipped"]
 
 
@@ -212,6 +214,6 @@ def test_ray_is_optional(synthetic_root, tmp_path, monkeypatch):
     code = "import sys; sys.modules['ray'] = None; import recontrast.batch, recontrast.cli, recontrast.ray_executor"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
-    path = study_file(tmp_path, synthetic_root, CATEGORIES[:1], {"full": {}})
+    path = study_file(tmp_path, synthetic_root, CATEGORIES, {"full": {}})
     message = run_cli(["batch", "--study", str(path), "--executor", "ray"])
     assert "\n" not in message and "pip install -e '.[cluster]'" in message, message
