@@ -78,8 +78,8 @@ What this synthetic study shows: every variant trains, evaluates and is compared
 method. What it cannot show: which switch helps on real defects (drawn defects, 150 iterations).
 On real MVTec AD bottle (benchmarks/run.py --sections accuracy, cpu_bottle.yaml, 280 it, 256 px)
 the full method beats no domain adaptation by +0.73 P-AUROC, +1.50 AUPRO, +7.85 P-F1max
-(I-AUROC 100.0 both); with cpu_default.yaml (encoder BN in eval mode) no domain adaptation
-ended slightly ahead instead (-0.14 P-AUROC, -0.38 AUPRO for the full method). See
+(I-AUROC 100.0 both); with the second wave's cpu_default.yaml (encoder BN in eval mode) no
+domain adaptation ended slightly ahead instead (-0.14 P-AUROC, -0.38 AUPRO for the full method). See
 notebooks/04_ablations.ipynb and docs/results.md."""
 
 
