@@ -31,7 +31,8 @@ import categories  # noqa: E402 - benchmarks/categories.py, beside this file
 
 # What a setting changes on top of REFERENCE: experiments/cpu_default.yaml as it was when the
 # study began (encoder BN in eval mode, fp32, one training), so that every row keeps its meaning
-# while the recipe moves. "recipe" is cpu_default.yaml as it is now, REFERENCE not applied.
+# while the recipe moves. "recipe" is cpu_default.yaml as it is now, REFERENCE not applied, and
+# so are the "recipe_*" settings.
 REFERENCE = ["model.encoder_bn=eval", "train.precision=fp32", "train.bn_fallback=false"]
 SETTINGS = {
     "default": [],  # REFERENCE itself (named so in the rows of the earlier runs)
@@ -50,7 +51,12 @@ SETTINGS = {
     "bf16": ["train.precision=bf16"],
     "bn_train_bf16": ["model.encoder_bn=train", "train.precision=bf16"],
     "bf16_seed1": ["train.precision=bf16", "train.seed=1"],
+    # On top of cpu_default.yaml as it is now (REFERENCE not applied): what the recipe would give.
+    "recipe_size320": ["data.image_size=320"],
+    "recipe_iters560": ["train.iters=560"],
+    "recipe_lite1": ["model.backbone=tf_efficientnet_lite1"],
 }
+ON_RECIPE = "recipe_"  # settings named so change the current recipe, not REFERENCE
 
 
 # Map variants evaluated on every trained model (eval.* overrides; "recipe" is the model's own).
@@ -67,10 +73,7 @@ SHOWN = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
 
 def study_row(category: str, root: Path, setting: str, out: Path, threads: int, extra: list[str] = ()) -> dict:
     """Returns one trained setting's row: the recipe's metrics, CPU minutes, and each map variant's metrics."""
-
-
-
-    base = [] if setting == "recipe" else REFERENCE
+    base = [] if setting == "recipe" or setting.startswith(ON_RECIPE) else REFERENCE
     row = categories.recontrast_row(categories.DEFAULT_CONFIG, root, category, out / setting, threads,
                                     [*base, *extra, *SETTINGS[setting], f"tracking.run_name=compute-{setting}-{category}"])
     row.pop("points", None)
