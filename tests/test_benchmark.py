@@ -110,3 +110,23 @@ def test_throughput_rows_count_the_recipes_proxy_evaluations_and_compare_with_th
     table = bench.throughput_table(rows).splitlines()
     assert len(table) == 4 and table[3].startswith("| recipe | fp32 | False | PASSIVE | 20.0 | 18.0 | 1.80x |")
 
+
+
+def test_map_study_scores_the_models_own_map_as_its_evaluation_did(tiny_model, tmp_path):
+    """benchmarks/map_study.py scores map settings from one network pass: its 'paper' row (the
+    tiny model's own map) must be what `recontrast evaluate` measured, and a changed map must
+    change the numbers."""
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("map_study", RUN.with_name("map_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    folder = tmp_path / "disc"
+    folder.mkdir()
+    shutil.copy(tiny_model.checkpoint, folder / "last.ckpt")
+    found = study.study_category(folder, threads=1)
+    evaluated = tiny_model.evaluation.metrics
+    assert found["rows"]["paper"] == pytest.approx({k: 100 * evaluated[k] for k in study.METRICS})
+    assert found["rows"]["levels_001"] != found["rows"]["paper"]
+    assert found["rows"]["score_product_map_sum"]["aupro"] == found["rows"]["paper"]["aupro"]
+    assert "| paper |" in study.tables({"disc": found})
