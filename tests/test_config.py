@@ -58,9 +58,16 @@ def test_missing_config_file_lists_what_exists():
         load_config(ROOT / "experiments" / "dmeo.yaml")
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "mvtec_paper.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "mvtec_paper.yaml", "cpu_default.yaml", "cpu_long.yaml"])
 def test_shipped_experiment_files_load(name):
     load_config(ROOT / "experiments" / name)
+
+
+def test_the_long_cpu_recipe_is_the_default_one_at_a_larger_image_size():
+    from recontrast.config import config_diff
+
+    default, long = (load_config(ROOT / "experiments" / f"cpu_{name}.yaml") for name in ("default", "long"))
+    assert config_diff(default, long) == {"data.image_size": (256, 320), "train.out": ("runs/cpu_default", "runs/cpu_long")}
 
 
 def test_encoder_bn_auto_follows_the_per_category_defaults():
