@@ -81,7 +81,8 @@ def study_row(category: str, root: Path, setting: str, out: Path, threads: int, 
 
 
 def map_variants(row: dict, threads: int = 0) -> dict:
-    """Returns the test metrics of a row's model under every map variant of MAPS it lacks."""
+    """Returns the test metrics of a row's model under every map variant of MAPS it lacks (the
+    recipe's own map too when the row has no metrics: a model the categories benchmark kept aside)."""
     import dataclasses
 
     import torch
@@ -96,7 +97,7 @@ def map_variants(row: dict, threads: int = 0) -> dict:
     datasets = build_datasets(cfg.data)
     maps = dict(row.get("maps") or {})
     for name, change in MAPS.items():
-        if not change or name in maps:
+        if name in maps or (not change and row.get("metrics")):
             continue
         eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False, **change)
         t0 = time.process_time()
@@ -137,8 +138,8 @@ def correlation(rows: list[dict]) -> dict:
     points = []
     for r in rows:
         for name, proxy in (r.get("proxy") or {}).items():
-            real = r["metrics"] if name == "recipe" else r["maps"][name]
-            points.append({"category": r["category"], "setting": r["setting"], "map": name,
+            real = r["metrics"] if name == "recipe" and r.get("metrics") else r["maps"][name]
+            points.append({"category": r["category"], "setting": r["setting"], "map": name, "health": r.get("health"),
                            "proxy": proxy.get("proxy/score", math.nan), "aupro": real.get("aupro", math.nan),
                            "image_auroc": real.get("image_auroc", math.nan)})
     out = {"n": len(points), "points": points}

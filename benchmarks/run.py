@@ -33,6 +33,7 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
 # Issue 6's targets for the Lite0 CPU recipe on bottle (fit within 15 minutes).
 TARGETS = {"image_auroc": 1.0, "pixel_auroc": 0.992, "aupro": 0.971, "pixel_f1max": 0.81}
 FIT_LIMIT_S = 15 * 60
+ACROSS_TARGET = 0.7  # issue 20: Spearman of proxy/score vs real metrics across (category, setting)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -356,8 +357,55 @@ def run_categories(args, out: Path, saved: Path) -> dict:
     return {"recipe": args.recipe, "rows": rows, "verdicts": categories.verdicts(rows)}
 
 
+def trained_models(rows: list[dict]) -> list[dict]:
+    """Returns one row per ReContrast model the categories section trained: each category's kept
+    model (setting "recipe", its metrics and health) and, where train.bn_fallback trained it
+    twice, the flagged first training kept in <train.out>/attempt1 (setting "attempt1", no
+    metrics yet: the correlation evaluates it)."""
+    from recontrast.config import ATTEMPT1
+
+    found = []
+    for r in rows:
+        if r["method"] != "recontrast":
+            continue
+        kept = Path(r["checkpoint"])
+        found.append({"category": r["category"], "setting": "recipe", "checkpoint": str(kept),
+                      "metrics": r["metrics"], "health": r.get("health")})
+        first = kept.parent / ATTEMPT1 / kept.name
+        if r.get("attempts") == 2 and first.is_file():
+            found.append({"category": r["category"], "setting": ATTEMPT1, "checkpoint": str(first),
+                          "metrics": None, "health": "not_converged"})
+    return found
+
+
+def across_categories(args, out: Path, results: dict) -> dict:
+    """Returns Spearman's rho between proxy/score and the real AUPRO / image AUROC over every
+    (category, model, map) of the categories section (issue 20's target: >= 0.7): each model
+    under each map of compute_study.MAPS, real metrics on the test set, proxy metrics on the
+    held-out normal images. Rows are saved to <out>/correlation_models.json as they finish."""
+    import compute_study
+
+    saved = out / "correlation_models.json"
+    done = {(m["category"], m["setting"]): m for m in json.loads(saved.read_text())} if args.resume and saved.is_file() else {}
+    models = []
+    for model in trained_models((results.get("categories") or {}).get("rows", [])):
+        model = done.get((model["category"], model["setting"]), model)  # --resume: keep what was measured
+        if set(compute_study.MAPS) - {"recipe"} - set(model.get("maps") or {}) or not model.get("metrics"):
+            model["maps"] = in_subprocess(compute_study.map_variants, model, args.threads)
+            model["metrics"] = model["metrics"] or model["maps"].pop("recipe")
+        if set(compute_study.MAPS) - set(model.get("proxy") or {}):
+            model["proxy"] = in_subprocess(compute_study.proxy_of, model, args.threads)
+        models.append(model)
+        saved.write_text(json.dumps(models, indent=1, default=str))
+        recipe_proxy = model["proxy"]["recipe"].get("proxy/score", float("nan"))
+        print(f"[bench] correlation/{model['category']}/{model['setting']}: proxy/score {recipe_proxy:.4f}, "
+              f"{json.dumps({k: round(model['metrics'].get(k, float('nan')), 4) for k in METRICS})}", flush=True)
+    return {"n_models": len(models), **compute_study.correlation(models)}
+
+
 def run_correlation(args, out: Path, results: dict) -> dict:
-    """Returns the proxy-vs-real rank correlation over the checkpoints of two bottle trainings."""
+    """Returns the proxy-vs-real rank correlation over the checkpoints of two bottle trainings
+    and ("across") over every model, category and map of the categories section."""
     root = SHARED if (SHARED / "bottle").is_dir() else categories.category_roots(out)["weave"]
     category = "bottle" if root == SHARED else "weave"
     # The default recipe's own bottle run (categories section) evaluated every eval_every
@@ -371,13 +419,33 @@ def run_correlation(args, out: Path, results: dict) -> dict:
                                 name, [*args.set, *extra, f"train.eval_every={args.eval_every}"], args.eval_every)
     summary = categories.rank_correlation(points)
     print(f"[bench] correlation ({category}): {json.dumps(summary)}", flush=True)
-    return {"category": category, "recipe": args.recipe, **summary, "points": points}
+    across = across_categories(args, out, results)
+    print(f"[bench] correlation (across): {json.dumps({k: v for k, v in across.items() if k != 'points'})}", flush=True)
+    return {"category": category, "recipe": args.recipe, **summary, "points": points, "across": across}
 
 
 def _brief(row: dict) -> dict:
     keep = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max", "proxy/score")
     return {"fit_s": round(row["fit_seconds"], 1), "health": row.get("health", "-"),
             **{k: round(row["metrics"][k], 4) for k in keep if k in row["metrics"]}}
+
+
+def across_markdown(across: dict) -> list[str]:
+    """Returns the report's lines for the correlation across categories, models and maps: rho
+    against issue 20's target and, per model at its recipe map, the proxy score beside the real
+    metrics and the health check's verdict (does a failing model stand out without labels?)."""
+    lines = [f"### Proxy vs real across categories ({across['n_models']} models x their maps, "
+             f"{across['n']} points, Spearman; target >= {ACROSS_TARGET})", ""]
+    for real in ("aupro", "image_auroc"):
+        rho = across[f"proxy/score ~ {real}"]
+        lines.append(f"- proxy/score ~ {real}: {rho:.3f} over {across[f'n ~ {real}']} "
+                     f"({'met' if rho >= ACROSS_TARGET else 'NOT met'})")
+    lines += ["", "| category | model | health | proxy/score | I-AUROC | AUPRO |", "|---|---|---|---|---|---|"]
+    for p in across["points"]:
+        if p["map"] == "recipe":
+            cells = " | ".join("n/a" if p[k] != p[k] else f"{100 * p[k]:.2f}" for k in ("proxy", "image_auroc", "aupro"))
+            lines.append(f"| {p['category']} | {p['setting']} | {p.get('health') or '-'} | {cells} |")
+    return lines + [""]
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -415,6 +483,8 @@ def markdown(results: dict) -> str:
         lines += [f"## Proxy vs real metrics ({c['category']}, {c['n_checkpoints']} checkpoints, Spearman)", ""]
         lines += [f"- {k}: {v:.3f}" for k, v in c.items() if " ~ " in k]
         lines.append("")
+        if c.get("across"):
+            lines += across_markdown(c["across"])
     for section in ("speed", "scaling", "reference"):
         if section in results:
             lines += [f"## {section}", "", "```", json.dumps(results[section], indent=1), "```", ""]
@@ -437,7 +507,8 @@ def main() -> None:
     parser.add_argument("--categories", default="", help="comma-separated (default: every one available)")
     parser.add_argument("--methods", default="recontrast,padim,patchcore", help="categories: which methods")
     parser.add_argument("--resume", action="store_true",
-                        help="categories: keep the rows of <out>/categories.json and measure only the missing ones")
+                        help="categories: keep the rows of <out>/categories.json and measure only the missing ones; "
+                        "correlation: likewise the models of <out>/correlation_models.json")
     parser.add_argument("--eval-every", type=int, default=40, help="correlation: evaluate every N iterations")
     parser.add_argument("--speed-iters", type=int, default=24, help="speed: training iterations per throughput row")
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,41 @@ def test_map_study_scores_the_models_own_map_as_its_evaluation_did(tiny_model, t
     assert found["rows"]["levels_001"] != found["rows"]["paper"]
     assert found["rows"]["score_product_map_sum"]["aupro"] == found["rows"]["paper"]["aupro"]
     assert "| paper |" in study.tables({"disc": found})
+
+
+@pytest.mark.slow
+def test_correlation_across_categories_ranks_every_kept_and_superseded_model(tiny_model, tmp_path, monkeypatch):
+    """benchmarks/run.py's correlation section: each categories row gives its kept model and,
+    where bn_fallback trained twice, the first training from <out>/attempt1, which it evaluates
+    itself; every model is scored under every map, and the report says whether rho meets 0.7."""
+    import argparse
+    import shutil
+
+    from conftest import one_thread
+
+    bench = _bench()
+    monkeypatch.setattr(bench, "in_subprocess", lambda fn, *args: fn(*args))  # no spawned process in a test
+    kept = tmp_path / "disc" / "last.ckpt"
+    (kept.parent / "attempt1").mkdir(parents=True)
+    shutil.copy(tiny_model.checkpoint, kept)
+    shutil.copy(tiny_model.checkpoint, kept.parent / "attempt1" / "last.ckpt")
+    row = {"category": "disc", "method": "recontrast", "checkpoint": str(kept), "attempts": 2, "health": "ok",
+           "metrics": tiny_model.evaluation.metrics}
+    peer = {"category": "disc", "method": "padim", "metrics": {"image_auroc": 1.0}}
+    assert [m["setting"] for m in bench.trained_models([row, peer])] == ["recipe", "attempt1"]
+    assert [m["setting"] for m in bench.trained_models([{**row, "attempts": 1}])] == ["recipe"]
+
+    args = argparse.Namespace(threads=1, resume=False)
+    with one_thread():
+        across = bench.across_categories(args, tmp_path, {"categories": {"rows": [row, peer]}})
+    study = _script("compute_study")
+    assert across["n_models"] == 2 and across["n"] == 2 * len(study.MAPS)
+    first = [p for p in across["points"] if p["setting"] == "attempt1" and p["map"] == "recipe"][0]
+    # The same weights as the kept model: the first training's own evaluation gives the same numbers.
+    assert first["aupro"] == pytest.approx(tiny_model.evaluation.metrics["aupro"])
+    assert first["health"] == "not_converged"
+    saved = {(m["category"], m["setting"]) for m in json.loads((tmp_path / "correlation_models.json").read_text())}
+    assert saved == {("disc", "recipe"), ("disc", "attempt1")}
+    report = "\n".join(bench.across_markdown(across))
+    assert "| disc | attempt1 | not_converged |" in report
+    assert "proxy/score ~ aupro" in report and ("(met)" in report or "(NOT met)" in report)
