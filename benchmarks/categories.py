@@ -105,7 +105,8 @@ def verdicts(rows: list[dict]) -> list[str]:
             if not (math.isnan(mine) or math.isnan(best)) and mine < best:
                 behind.append(f"{key} {100 * mine:.2f} < {100 * best:.2f}")
         fit_ok = ours["fit_seconds"] <= FIT_LIMIT_S
-        parts = [f"{category}: vs best peer " + ("MET" if not behind else "NOT met (" + ", ".join(behind) + ")"),
+        versus = "NOT met (" + ", ".join(behind) + ")" if behind else "MET" if peers_ else "not measured (no peer in this run)"
+        parts = [f"{category}: vs best peer {versus}",
                  f"fit {ours['fit_seconds']:.0f} s {'MET' if fit_ok else 'NOT met'}", f"health {ours['health']}"]
         if ours.get("attempts", 1) > 1:
             parts.append(f"trained twice (train.bn_fallback), kept encoder_bn={ours.get('encoder_bn')}")

@@ -11,7 +11,11 @@ prints and saves (JSON + markdown, under --out) what it measured:
   and memory as the test set doubles;
 - the reference comparison: WRN50, 256 px, batch 16 training step and batch-1 evaluation,
   before (the reference's way: frozen encoder inside autograd, images decoded every step)
-  and after (this project's loop) in one run.
+  and after (this project's loop) in one run;
+- categories (--sections categories): the one ReContrast recipe (--recipe) against PaDiM and
+  PatchCore on every category, with verdicts; correlation: proxy vs real metrics over the
+  checkpoints of two bottle trainings and across every model the categories section trained
+  (issue 20's target: Spearman >= 0.7).
 Every measurement runs in a fresh subprocess so its peak RSS is its own. Accuracy runs are
 logged to MLflow (experiment `benchmark`) so the UI shows them side by side.
 """

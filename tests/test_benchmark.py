@@ -46,10 +46,12 @@ def test_category_verdicts_compare_with_the_best_peer_on_every_shared_metric():
             _row("screw", "padim", image_auroc=0.95, pixel_auroc=float("nan"), aupro=float("nan")),
             _row("screw", "patchcore", image_auroc=0.85),
             _row("weave", "recontrast", fit_s=1000.0, image_auroc=0.99),
-            _row("weave", "padim", image_auroc=0.97)]
-    screw, weave = categories.verdicts(rows)
+            _row("weave", "padim", image_auroc=0.97),
+            _row("disc", "recontrast")]
+    screw, weave, disc = categories.verdicts(rows)
     assert "NOT met (image_auroc 90.00 < 95.00)" in screw  # pixel metrics n/a: not compared
     assert "vs best peer MET" in weave and "fit 1000 s NOT met" in weave
+    assert "vs best peer not measured (no peer in this run)" in disc  # no peer: no verdict either way
     assert "| screw | recontrast | 90.00 | 90.00 | 90.00 | n/a |" in categories.table(rows)
 
 
