@@ -138,7 +138,7 @@ def correlation(rows: list[dict]) -> dict:
     points = []
     for r in rows:
         for name, proxy in (r.get("proxy") or {}).items():
-            real = r["metrics"] if name == "recipe" and r.get("metrics") else r["maps"][name]
+            real = r["metrics"] if name == "recipe" else r["maps"][name]
             points.append({"category": r["category"], "setting": r["setting"], "map": name, "health": r.get("health"),
                            "proxy": proxy.get("proxy/score", math.nan), "aupro": real.get("aupro", math.nan),
                            "image_auroc": real.get("image_auroc", math.nan)})

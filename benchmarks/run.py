@@ -367,6 +367,7 @@ def trained_models(rows: list[dict]) -> list[dict]:
     twice, the flagged first training kept in <train.out>/attempt1 (setting "attempt1", no
     metrics yet: the correlation evaluates it)."""
     from recontrast.config import ATTEMPT1
+    from recontrast.health import NOT_CONVERGED
 
     found = []
     for r in rows:
@@ -378,7 +379,7 @@ def trained_models(rows: list[dict]) -> list[dict]:
         first = kept.parent / ATTEMPT1 / kept.name
         if r.get("attempts") == 2 and first.is_file():
             found.append({"category": r["category"], "setting": ATTEMPT1, "checkpoint": str(first),
-                          "metrics": None, "health": "not_converged"})
+                          "metrics": None, "health": NOT_CONVERGED})
     return found
 
 
