@@ -67,8 +67,8 @@ def recontrast_row(config: str, root: Path, category: str, out: Path, threads: i
             "health": result.health.status, "health_reasons": result.health.reasons,
             "selected_iteration": result.selected_iteration, "final_loss": result.loss_history[-1],
             "run_id": run_id, "config": config, "notes": evaluation.notes, "checkpoint": str(result.checkpoint),
-            "attempts": result.attempts,
-            "encoder_bn": encoder_bn_mode(fallback_config(cfg) if result.attempts == 2 else cfg)}
+            "attempts": result.attempts, "attempt": result.attempt,
+            "encoder_bn": encoder_bn_mode(fallback_config(cfg) if result.attempt == 2 else cfg)}
 
 
 def _cpu_seconds() -> float:

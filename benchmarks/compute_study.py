@@ -121,7 +121,7 @@ def proxy_of(row: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     model, cfg, _ = load_model(row["checkpoint"])
-    proxy = ProxyDataset(build_datasets(cfg.data).val, seed=cfg.eval.proxy_seed)
+    proxy = ProxyDataset(build_datasets(cfg.data).val, seed=cfg.eval.proxy_seed, copies=cfg.eval.proxy_copies)
     found = {}
     for name, change in MAPS.items():
         eval_cfg = dataclasses.replace(cfg.eval, figures=False, gif=False, **change)

@@ -364,9 +364,9 @@ def run_categories(args, out: Path, saved: Path) -> dict:
 def trained_models(rows: list[dict]) -> list[dict]:
     """Returns one row per ReContrast model the categories section trained: each category's kept
     model (setting "recipe", its metrics and health) and, where train.bn_fallback trained it
-    twice, the flagged first training kept in <train.out>/attempt1 (setting "attempt1", no
-    metrics yet: the correlation evaluates it)."""
-    from recontrast.config import ATTEMPT1
+    twice, the flagged training it did not keep, in <train.out>/attempt1 or attempt2 (setting
+    "attempt1" / "attempt2", no metrics yet: the correlation evaluates it)."""
+    from recontrast.config import ATTEMPT1, ATTEMPT2
     from recontrast.health import NOT_CONVERGED
 
     found = []
@@ -376,10 +376,11 @@ def trained_models(rows: list[dict]) -> list[dict]:
         kept = Path(r["checkpoint"])
         found.append({"category": r["category"], "setting": "recipe", "checkpoint": str(kept),
                       "metrics": r["metrics"], "health": r.get("health")})
-        first = kept.parent / ATTEMPT1 / kept.name
-        if r.get("attempts") == 2 and first.is_file():
-            found.append({"category": r["category"], "setting": ATTEMPT1, "checkpoint": str(first),
-                          "metrics": None, "health": NOT_CONVERGED})
+        for other in (ATTEMPT1, ATTEMPT2):
+            dropped = kept.parent / other / kept.name
+            if r.get("attempts") == 2 and dropped.is_file():
+                found.append({"category": r["category"], "setting": other, "checkpoint": str(dropped),
+                              "metrics": None, "health": NOT_CONVERGED})
     return found
 
 

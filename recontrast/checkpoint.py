@@ -79,7 +79,7 @@ def config_changes(stored: dict[str, Any], cfg) -> list[str]:
     (run length, logging, output, device, evaluation and tracking may change on resume)."""
     old = {f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}
     free = (*PLACEMENT_KEYS, "train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.divergence_window", "eval.", "tracking.")
+            "train.divergence_window", "train.bn_fallback", "eval.", "tracking.")  # bn_fallback: after the end
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
             if not k.startswith(free) and old.get(k) != v]
 

@@ -129,7 +129,9 @@ class TrainConfig:
     # flags a finished training not_converged, it is trained once more from the start with the
     # trainable encoder's BatchNorm in the other mode (train <-> eval), and that second run is
     # the result; the first stays in <train.out>/attempt1 and its MLflow run is tagged
-    # superseded_by. Off in the paper (one training, whatever its health). Nothing to change,
+    # superseded_by. When the second is flagged too, the one with the higher proxy/score is
+    # kept (label-free; on the dev categories the first was then the better model), the other
+    # in <train.out>/attempt1 or attempt2. Off in the paper (one training, whatever its health). Nothing to change,
     # so no second training, without domain adaptation or with train.stable (always train mode).
     bn_fallback: bool = False
     # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
@@ -160,6 +162,11 @@ class EvalConfig:
     # give proxy/* metrics at every evaluation (recontrast/defects.py); proxy_seed draws them.
     proxy: bool = True
     proxy_seed: int = 0
+    # Synthetic-defect copies of each held-out image (each with its own kind and draw): more
+    # defects per kind, a steadier proxy for what reads it (the health check, train.select,
+    # bn_fallback's choice) at (1 + copies) / 2 times the cost of one proxy evaluation.
+    # 1: one copy each, as before; the CPU recipes use 4 (docs/recipe.md, "How steady the proxy is").
+    proxy_copies: int = 1
     figures: bool = True
     gif: bool = True
 
@@ -236,6 +243,9 @@ def encoder_bn_mode(cfg: Config) -> str:
 
 
 ATTEMPT1 = "attempt1"  # <train.out>/attempt1: a run's first training, once train.bn_fallback retrained it
+# <train.out>/attempt2: train.bn_fallback's second training, when the first was kept after all
+# (both flagged, the first with the higher proxy/score; pipeline._train_again)
+ATTEMPT2 = "attempt2"
 
 
 def fallback_config(cfg: Config) -> Config:

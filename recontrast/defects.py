@@ -419,17 +419,21 @@ def item_seed(seed: int, index: int) -> int:
 
 
 class ProxyDataset(Dataset):
-    """Returns base items as good (first half) then the same images with synthetic defects.
+    """Returns base items as good (the first len(base) items) then `copies` copies of each with
+    a synthetic defect.
 
-    Defect kinds go in turn through KINDS (item i of the second half: KINDS[(seed + i) % 7]),
-    so each kind gets a fair share; the kind is in "defect_type" ("synthetic_<kind>"). A `paste`
-    defect takes its patch from another base image (the next one, cyclically).
+    Defect kinds go in turn through KINDS (item i after the good ones: KINDS[(seed + i) % 7],
+    on base image i % len(base)), so each kind gets a fair share and, with several copies, each
+    image several kinds; the kind is in "defect_type" ("synthetic_<kind>"). A `paste` defect
+    takes its patch from another base image (the next one, cyclically).
     `base` items follow `recontrast.data` ({"image": ImageNet-normalised (3, S, S), "mask",
     "label", "defect_type", "path"}); use held-out normal images (`Datasets.val`).
     """
 
-    def __init__(self, base, seed: int = 0):
-        self.base, self.seed = base, seed
+    def __init__(self, base, seed: int = 0, copies: int = 1):
+        if copies < 1:
+            raise ValueError(f"copies={copies}: each held-out image needs at least one defective copy")
+        self.base, self.seed, self.copies = base, seed, int(copies)
         self.has_masks = True
         self.category = getattr(base, "category", None)
         self.skipped: list = []
@@ -438,13 +442,13 @@ class ProxyDataset(Dataset):
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
-        return 2 * len(self.base)
+        return (1 + self.copies) * len(self.base)
 
     def __getitem__(self, index: int) -> dict:
-        n = len(self.base)
-        if not -2 * n <= index < 2 * n:
-            raise IndexError(f"index {index} out of range for {2 * n} items")
-        index %= 2 * n
+        n, total = len(self.base), len(self)
+        if not -total <= index < total:
+            raise IndexError(f"index {index} out of range for {total} items")
+        index %= total
         if index < n:
             item = self.base[index]
             return {**item, "mask": torch.zeros_like(item["mask"]), "label": 0, "defect_type": "good"}
@@ -455,20 +459,23 @@ class ProxyDataset(Dataset):
         return {k: v.clone() if torch.is_tensor(v) else v for k, v in item.items()}  # callers may edit
 
     def _synthetic(self, i: int) -> dict:
-        """Returns base item i with a synthetic defect (label 1, its mask, "synthetic_<kind>")."""
-        item = self.base[i]
+        """Returns defect item i: base item i % len(base) with a synthetic defect (label 1, its
+        mask, "synthetic_<kind>"; copies after the first say which in their path)."""
+        n = len(self.base)
+        b, copy = i % n, i // n
+        item = self.base[b]
         normalised = item["image"]
         image = self._unnormalise(normalised)
         # Kinds in turn, not drawn: a few dozen images still get each kind about equally often.
         kind = KINDS[(self.seed + i) % len(KINDS)]
-        n = len(self.base)
-        donor = self._unnormalise(self.base[(i + 1) % n]["image"]) if kind == "paste" and n > 1 else None
+        donor = self._unnormalise(self.base[(b + 1) % n]["image"]) if kind == "paste" and n > 1 else None
         defective, mask, kind = synthesize(image, item_seed(self.seed, i), kind, donor)
         # Outside the mask keep the base tensor itself: no float round-trip error there.
         renormalised = (defective - self._mean) / self._std
         out = torch.where(mask.bool(), renormalised, normalised)
         return {"image": out, "mask": mask.to(item["mask"].dtype), "label": 1,
-                "defect_type": f"synthetic_{kind}", "path": f"{item['path']}#synthetic_{kind}"}
+                "defect_type": f"synthetic_{kind}",
+                "path": f"{item['path']}#synthetic_{kind}" + (f"_{copy + 1}" if copy else "")}
 
     def _unnormalise(self, normalised: torch.Tensor) -> torch.Tensor:
         return (normalised * self._std + self._mean).clamp(0, 1)

@@ -10,6 +10,7 @@ Modules below this one never call MLflow or write reports on their own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import sys
@@ -20,12 +21,12 @@ from typing import Any, Sequence
 
 from recontrast import plots, tracking
 from recontrast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recontrast.config import (ATTEMPT1, Config, apply_overrides, encoder_bn_mode, fallback_config, load_config,
+from recontrast.config import (ATTEMPT1, ATTEMPT2, Config, apply_overrides, encoder_bn_mode, fallback_config, load_config,
                                validate, warmup_iters)
 from recontrast.data import Datasets, build_datasets
 from recontrast.defects import ProxyDataset
 from recontrast.distributed import is_main_process, world
-from recontrast.evaluate import PROXY_PREFIX, EvalResult, evaluate, make_eval_fn, proxy_metrics
+from recontrast.evaluate import PROXY_PREFIX, PROXY_SCORE, EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
 from recontrast.locks import LOCK_FILE, folder_lock
 from recontrast.mlflow_store import (Tag, check_reachable, get_client, run_of_folder, tracking_uri,
@@ -44,7 +45,7 @@ def proxy_dataset(cfg: Config, datasets: Datasets) -> ProxyDataset | None:
     there are no held-out images (data.val_fraction=0) or eval.proxy is off."""
     if not cfg.eval.proxy or datasets.val is None or len(datasets.val) == 0:
         return None
-    return ProxyDataset(datasets.val, seed=cfg.eval.proxy_seed)
+    return ProxyDataset(datasets.val, seed=cfg.eval.proxy_seed, copies=cfg.eval.proxy_copies)
 
 
 def evaluate_and_store(model, cfg: Config, datasets: Datasets, checkpoint: Path, out_dir: Path,
@@ -133,8 +134,8 @@ def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOpti
     lock = (folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)")
             if owner else contextlib.nullcontext())
     with lock:
-        if (Path(cfg.train.out) / ATTEMPT1).is_dir() and fallback_applies(cfg):
-            cfg = fallback_config(cfg)  # this folder is on its second training: that is what resumes
+        if fallback_applies(cfg):
+            cfg = _fallback_state(cfg)
         if opts.resume:
             check_resumable(cfg)
         found = _run_training(cfg, data, opts)
@@ -149,6 +150,16 @@ def fallback_applies(cfg: Config) -> bool:
             and not world().distributed)
 
 
+def _fallback_state(cfg: Config) -> Config:
+    """Returns cfg as its run folder's train.bn_fallback history has it go on: the second
+    training's when the first was trained again (attempt1/), with no further fallback when the
+    first was kept over the second (attempt2/), cfg itself otherwise."""
+    out = Path(cfg.train.out)
+    if (out / ATTEMPT2).is_dir():
+        return apply_overrides(copy.deepcopy(cfg), {"train.bn_fallback": False})
+    return fallback_config(cfg) if (out / ATTEMPT1).is_dir() else cfg
+
+
 def falls_back(cfg: Config, health: Health | None) -> bool:
     """Returns whether a training of cfg with this health is trained again (train.bn_fallback)."""
     return fallback_applies(cfg) and health is not None and health.status == NOT_CONVERGED
@@ -156,26 +167,89 @@ def falls_back(cfg: Config, health: Health | None) -> bool:
 
 def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
     """Returns what run_training returns for train.bn_fallback's second training, after moving
-    the flagged first one into <train.out>/attempt1 and marking its MLflow run superseded."""
+    the flagged first one into <train.out>/attempt1 and marking its MLflow run superseded_by; or,
+    when the second is flagged too and the first has the higher proxy/score, the first again
+    (moved back, evaluated now), the second in <train.out>/attempt2 (_keep_first)."""
     result, _, first_run = first
     out, second = Path(cfg.train.out), fallback_config(cfg)
     said = (f"train.bn_fallback: the training with the encoder's BatchNorm in {encoder_bn_mode(cfg)} mode did not "
             f"converge ({'; '.join(result.health.reasons)}); training it again with model.encoder_bn="
             f"{second.model.encoder_bn}. The first training is kept in {out / ATTEMPT1}")
     log.warning(said)  # and in result.warnings, which notebook 02 prints
-    (out / ATTEMPT1).mkdir()
-    for item in out.iterdir():
-        if item.name not in (ATTEMPT1, LOCK_FILE):
-            item.rename(out / ATTEMPT1 / item.name)
+    _move_run_into(out, ATTEMPT1)
     tags = {**(opts.tags or {}), **({Tag.FALLBACK_OF: first_run} if first_run else {})}
     found = _run_training(second, data, dataclasses.replace(opts, resume=False, tags=tags))
-    found[0].warnings.insert(0, said)
-    found[0].attempts, found[0].fit_seconds = 2, found[0].fit_seconds + result.fit_seconds
-    if first_run and found[2]:
-        with contextlib.suppress(Exception):  # a tag is never worth failing the run that replaced it
-            tracking.Run(first_run, get_client(cfg)).set_tags(  # as batch marks a pair's replaced run
-                {Tag.SUPERSEDED_BY: found[2], Tag.SUPERSEDED_REASON: said[:5000]})
-    return found
+    found[0].attempt, fit_seconds = 2, result.fit_seconds + found[0].fit_seconds
+    kept, dropped, why = found, first, said
+    if _first_is_better(result, found[0]):
+        kept, dropped = _keep_first(cfg, data, opts, first, found), found
+        why = result.warnings[-1]
+    kept[0].warnings.insert(0, said)
+    kept[0].attempts, kept[0].fit_seconds = 2, fit_seconds
+    if kept[2] and dropped[2]:
+        with contextlib.suppress(Exception):  # a tag is never worth failing the run that is kept
+            tracking.Run(dropped[2], get_client(cfg)).set_tags(  # as batch marks a pair's replaced run
+                {Tag.SUPERSEDED_BY: kept[2], Tag.SUPERSEDED_REASON: why[:5000]})
+    return kept
+
+
+def _first_is_better(first: TrainResult, second: TrainResult) -> bool:
+    """Returns whether train.bn_fallback keeps its first training over the second: only when the
+    second is flagged too, and then by the higher proxy/score, a label-free choice. Where both
+    were flagged on the dev categories (mesh, grain), the first was the better model on every
+    test metric and the proxy ranked the pair right (docs/recipe.md, "Mesh and board")."""
+    if second.health is None or second.health.status != NOT_CONVERGED:
+        return False
+    a, b = first.metrics.get(PROXY_SCORE), second.metrics.get(PROXY_SCORE)
+    return a is not None and b is not None and a > b
+
+
+def _keep_first(cfg: Config, data: Datasets, opts: RunOptions, first: tuple, second: tuple):
+    """Returns what run_training returns for bn_fallback's first training, kept after all: the
+    second moves into <train.out>/attempt2, the first back from attempt1, and it is evaluated
+    and logged to its own MLflow run now (as a flagged training, it was not at its end)."""
+    result, _, run_id = first
+    out = Path(cfg.train.out)
+    why = (f"train.bn_fallback: the second training did not converge either "
+           f"({'; '.join(second[0].health.reasons)}); the first is kept, its proxy/score "
+           f"{100 * result.metrics[PROXY_SCORE]:.2f} above the second's {100 * second[0].metrics[PROXY_SCORE]:.2f}. "
+           f"The second training is kept in {out / ATTEMPT2}")
+    log.warning(why)
+    _move_run_into(out, ATTEMPT2)
+    for item in (out / ATTEMPT1).iterdir():
+        item.rename(out / item.name)
+    (out / ATTEMPT1).rmdir()
+    result.warnings.append(why)
+    result.attempt = 1
+    known = PostTraining(None, {k: v for k, v in result.metrics.items() if k.startswith(PROXY_PREFIX)},
+                         result.health)
+    evaluation = evaluate_and_store(result.model, cfg, data, result.checkpoint, out / "eval",
+                                    result.selected_iteration or result.iterations,
+                                    known=known) if opts.evaluate_at_end else None
+    if run_id:
+        _record(tracking.Run(run_id, get_client(cfg)), result, evaluation, opts, known)
+    return result, evaluation, run_id
+
+
+def _move_run_into(out: Path, name: str) -> None:
+    """Moves what a training wrote into <out> (not earlier attempts, not the lock) into <out>/name."""
+    (out / name).mkdir()
+    for item in out.iterdir():
+        if item.name not in (ATTEMPT1, ATTEMPT2, LOCK_FILE):
+            item.rename(out / name / item.name)
+
+
+def _record(run: tracking.Run, result: TrainResult, evaluation: EvalResult | None, opts: RunOptions,
+            known: PostTraining) -> None:
+    """Logs a kept training's evaluation and (when asked, RunOptions.log_checkpoint) its
+    calibrated checkpoint as the run's MLflow model."""
+    if evaluation is not None:
+        tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, uri=run.client.tracking_uri,
+                                step=result.iterations)
+    if opts.evaluate_at_end if opts.log_checkpoint is None else opts.log_checkpoint:
+        # After evaluation (calibrated); the folder's lock keeps any other recontrast
+        # process from replacing the file since this run wrote it.
+        tracking.log_trained_model(run, result.checkpoint, step=result.iterations, ckpt=known.checkpoint_state)
 
 
 def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
@@ -229,14 +303,8 @@ def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
         run = callback.run
         _log_loss_curve(run, result, out)
         evaluation = finish(result, run)
-        if evaluation is not None:
-            tracking.log_evaluation(evaluation, result.checkpoint, run_id=run.run_id, uri=run.client.tracking_uri,
-                                    step=result.iterations)
-        if (opts.evaluate_at_end if opts.log_checkpoint is None else opts.log_checkpoint) and not falls_back(
-                cfg, known.health):
-            # After evaluation (calibrated); the folder's lock keeps any other recontrast
-            # process from replacing the file since this run wrote it.
-            tracking.log_trained_model(run, result.checkpoint, step=result.iterations, ckpt=known.checkpoint_state)
+        if not falls_back(cfg, known.health):  # a flagged run trained again is recorded if kept after all
+            _record(run, result, evaluation, opts, known)
     return result, evaluation, run.run_id
 
 

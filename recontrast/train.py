@@ -77,6 +77,7 @@ class TrainResult:
     selected_iteration: int | None = None  # train.select=proxy: the iteration whose weights were kept
     health: Any = None  # health.Health, set by the pipeline once training ended
     attempts: int = 1  # 2 when train.bn_fallback trained it again (fit_seconds counts both)
+    attempt: int = 1  # which of them this is: train.bn_fallback keeps the second unless both were flagged
 
 
 def batch_indices(n: int, batch_size: int, seed: int, iteration: int, drop_last: bool) -> torch.Tensor:

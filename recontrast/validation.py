@@ -85,6 +85,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "eval.pro_fpr_limit": (0, 1, False, True),
     "eval.threshold_quantile": (0, 1, True, True),
     "eval.proxy_seed": (0, MAX_INT + 1, True, False),
+    "eval.proxy_copies": (1, 64, True, True),
     "tracking.timeout_s": (0, 86400, False, True),
 }
 # Keys that must not be empty: each names a file, a folder, a model or an MLflow experiment.

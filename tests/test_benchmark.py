@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from recontrast.defects import KINDS
+
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
@@ -138,7 +140,7 @@ def test_map_study_scores_the_models_own_map_as_its_evaluation_did(tiny_model, t
 @pytest.mark.slow
 def test_correlation_across_categories_ranks_every_kept_and_superseded_model(tiny_model, tmp_path, monkeypatch):
     """benchmarks/run.py's correlation section: each categories row gives its kept model and,
-    where bn_fallback trained twice, the first training from <out>/attempt1, which it evaluates
+    where bn_fallback trained twice, the one it did not keep (<out>/attempt1 or attempt2), which it evaluates
     itself; every model is scored under every map, and the report says whether rho meets 0.7."""
     import argparse
     import shutil
@@ -156,6 +158,9 @@ def test_correlation_across_categories_ranks_every_kept_and_superseded_model(tin
     peer = {"category": "disc", "method": "padim", "metrics": {"image_auroc": 1.0}}
     assert [m["setting"] for m in bench.trained_models([row, peer])] == ["recipe", "attempt1"]
     assert [m["setting"] for m in bench.trained_models([{**row, "attempts": 1}])] == ["recipe"]
+    (kept.parent / "attempt1").rename(kept.parent / "attempt2")  # the first kept, the second not
+    assert [m["setting"] for m in bench.trained_models([row])] == ["recipe", "attempt2"]
+    (kept.parent / "attempt2").rename(kept.parent / "attempt1")
 
     args = argparse.Namespace(threads=1, resume=False)
     with one_thread():
@@ -171,3 +176,25 @@ def test_correlation_across_categories_ranks_every_kept_and_superseded_model(tin
     report = "\n".join(bench.across_markdown(across))
     assert "| disc | attempt1 | not_converged |" in report
     assert "proxy/score ~ aupro" in report and ("(met)" in report or "(NOT met)" in report)
+
+
+def test_proxy_steadiness_scores_each_draw_and_says_which_training_each_would_keep(tiny_model):
+    """benchmarks/proxy_steadiness.py: one proxy/score per (copies, seed), a larger proxy set
+    costing more; rho per draw across models, and per category trained twice, each draw's choice."""
+    study = _script("proxy_steadiness")
+    row = {"checkpoint": str(tiny_model.checkpoint)}
+    scores = study.score_model(row, [(1, 0), (3, 0), (1, 5)])
+    assert set(scores) == {"c1s0", "c3s0", "c1s5"} and all(0 <= v["score"] <= 1 for v in scores.values())
+    assert scores["c1s0"]["score"] != scores["c1s5"]["score"]  # another draw, other defects
+    assert set(scores["c3s0"]["kinds"]) == set(KINDS)  # three copies of each held-out image: every kind
+    assert study.kind_means({"proxy": {"c3s0": scores["c3s0"]}}, 3) == scores["c3s0"]["kinds"]
+
+    def model(category, setting, aupro, iauroc, a, b):
+        return {"category": category, "setting": setting, "metrics": {"aupro": aupro, "image_auroc": iauroc},
+                "proxy": {"c1s0": {"score": a}, "c4s0": {"score": b}}}
+
+    models = [model("mesh", "recipe", 0.87, 0.57, 0.99, 0.97), model("mesh", "attempt1", 0.95, 0.92, 0.98, 0.98),
+              model("bottle", "recipe", 0.97, 1.0, 0.995, 0.995)]
+    found = study.rankings(models, [(1, 0), (4, 0)])
+    assert found["pairs"] == {"mesh": {"better_on_test": "attempt1", "choice": {"c1s0": "recipe", "c4s0": "attempt1"}}}
+    assert found["rho"]["c4s0"]["aupro"] == pytest.approx(1.0) and found["rho"]["c1s0"]["aupro"] == pytest.approx(0.5)

@@ -102,6 +102,7 @@ BAD_VALUES = {
     "eval.num_bins=1": r"eval\.num_bins=1: must be in \[2, ",
     "eval.num_bins=101": r"eval\.num_bins=101 must be even",
     "eval.topk=0": r"eval\.topk=0\.0: must be in \(0, 1\]",
+    "eval.proxy_copies=0": r"eval\.proxy_copies=0: must be in \[1, 64\]",
     "eval.level_weights=[1,.nan,1]": r"eval\.level_weights: expected a finite number, got nan",
     "eval.level_weights=[0,0,0]": r"eval\.level_weights must be >= 0 and not all 0",
     "loss.warmup_fraction=1.5": r"loss\.warmup_fraction=1\.5: must be in \[0, 1\]",

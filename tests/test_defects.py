@@ -133,6 +133,27 @@ def test_proxy_dataset():
         proxy[2 * n]
 
 
+def test_proxy_dataset_with_several_copies_gives_each_image_several_kinds_and_keeps_the_first_copy():
+    """eval.proxy_copies: copy 1 is the one-copy set's defect item for item; the other copies
+    put other kinds on the same images, so every kind gets `copies` times as many defects."""
+    base, n = _Base(n=5), 5
+    one, three = ProxyDataset(base, seed=3), ProxyDataset(base, seed=3, copies=3)
+    assert len(three) == 4 * n
+    for i in range(2 * n):
+        a, b = one[i], three[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) and a["path"] == b["path"]
+    defects = [three[i] for i in range(n, 4 * n)]
+    kinds = [d["defect_type"].removeprefix("synthetic_") for d in defects]
+    # 15 in turn over the seven kinds from KINDS[3] (seed 3): erase once more than the others
+    assert {k: kinds.count(k) for k in KINDS} == {k: 3 if k == "erase" else 2 for k in KINDS}
+    assert len({d["path"] for d in defects}) == 3 * n  # the second and third copies say which they are
+    assert [kinds[i] for i in range(0, 3 * n, n)] == ["erase", "patch", "shuffle"]  # image 0: three kinds
+    with pytest.raises(IndexError):
+        three[4 * n]
+    with pytest.raises(ValueError, match="at least one"):
+        ProxyDataset(base, copies=0)
+
+
 def test_proxy_dataset_deterministic_and_cached():
     a, b = ProxyDataset(_Base(), seed=1), ProxyDataset(_Base(), seed=1)
     n = len(a.base)

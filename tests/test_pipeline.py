@@ -14,11 +14,11 @@ from recontrast import pipeline, synthetic
 from recontrast.checkpoint import final_checkpoint, load_checkpoint
 from recontrast.config import Config, apply_overrides
 from recontrast.data import build_datasets
-from recontrast.evaluate import proxy_metrics
+from recontrast.evaluate import PROXY_SCORE, proxy_metrics
 from recontrast.defects import KINDS, SURFACE_KINDS
-from recontrast.health import NOT_CONVERGED, OK, PROXY_FLOORS, assess
+from recontrast.health import NOT_CONVERGED, OK, PROXY_FLOORS, Health, assess
 from recontrast.model import build_model
-from recontrast.train import Callback, warmup_iters
+from recontrast.train import Callback, TrainResult, warmup_iters
 
 
 def lite_cfg(root, out, **overrides) -> Config:
@@ -187,20 +187,38 @@ def test_post_training_work_is_done_once(weave, tmp_path, monkeypatch, store):
     assert calls == {"assess": 1, "proxy_metrics": 1, "proxy_set": 1, "read": 1}
 
 
+def proxy_scores_of_trainings(monkeypatch, *scores: float) -> None:
+    """Gives the next trainings run_training starts these proxy/score values, in order (what
+    train.bn_fallback compares when both of its trainings are flagged); later ones keep theirs."""
+    real, given = pipeline._run_training, iter(scores)
+
+    def stamped(cfg, data, opts):
+        found, score = real(cfg, data, opts), next(given, None)
+        if score is not None:
+            found[0].metrics[PROXY_SCORE] = score
+        return found
+
+    monkeypatch.setattr(pipeline, "_run_training", stamped)
+
+
 @pytest.mark.slow
-def test_bn_fallback_trains_a_flagged_run_again_with_the_other_bn_mode_and_keeps_the_first(weave, tmp_path, store):
+def test_bn_fallback_trains_a_flagged_run_again_with_the_other_bn_mode_and_keeps_the_first(
+        weave, tmp_path, store, monkeypatch):
     """A learning rate of 1.0 stalls the loss: with train.bn_fallback the run is trained again
     with the encoder's BN in eval mode (weave's is train), the first training moves to
     attempt1/ and its MLflow run points to the one that replaced it; a resume continues the
-    second training."""
+    second training. Both are flagged here, and the second has the higher proxy score."""
     from mlflow import MlflowClient
 
     out = tmp_path / "run"
     cfg = lite_cfg(weave, out, **{"train.lr": 1.0, "train.bn_fallback": True, "tracking.enabled": True,
                                   "tracking.experiment": "fallback", "train.checkpoint_every": 10})
+    proxy_scores_of_trainings(monkeypatch, 0.6, 0.7)
     with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
         result, evaluation, run_id = pipeline.run_training(cfg)
     assert result.warnings[0].startswith("train.bn_fallback: the training with the encoder's BatchNorm in train mode")
+    assert result.health.status == NOT_CONVERGED and (result.attempts, result.attempt) == (2, 2)
+    assert not (out / "attempt2").exists()
     assert load_checkpoint(out / "attempt1" / "last.ckpt")["config"]["model"]["encoder_bn"] == "auto"  # weave: train
     assert load_checkpoint(out / "last.ckpt")["config"]["model"]["encoder_bn"] == "eval"
     assert evaluation is not None and not (out / "attempt1" / "eval").exists()  # the flagged one is not tested
@@ -219,3 +237,62 @@ def test_bn_fallback_trains_a_flagged_run_again_with_the_other_bn_mode_and_keeps
     assert resumed_run == run_id and resumed.iterations == 40
     assert load_checkpoint(out / "last.ckpt")["config"]["model"]["encoder_bn"] == "eval"
     assert {p.name: p.stat().st_mtime_ns for p in (out / "attempt1").iterdir()} == kept  # untouched
+
+
+@pytest.mark.slow
+def test_bn_fallback_keeps_the_first_training_when_both_are_flagged_and_it_has_the_higher_proxy_score(
+        weave, tmp_path, store, monkeypatch):
+    """Both trainings flagged, the first with the higher proxy/score: the first is the result
+    after all. It moves back into <train.out>, is evaluated and logged to its own MLflow run
+    (with its model); the second, evaluated too, moves to attempt2/ and its run is the one
+    marked superseded; a resume continues the first with no third training."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    cfg = lite_cfg(weave, out, **{"train.lr": 1.0, "train.bn_fallback": True, "tracking.enabled": True,
+                                  "tracking.experiment": "fallback-first"})
+    proxy_scores_of_trainings(monkeypatch, 0.8, 0.7)
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        result, evaluation, run_id = pipeline.run_training(cfg)
+    assert (result.attempts, result.attempt) == (2, 1) and result.health.status == NOT_CONVERGED
+    assert "the first is kept, its proxy/score 80.00 above the second's 70.00" in result.warnings[-1]
+    assert not (out / "attempt1").exists()
+    assert load_checkpoint(out / "last.ckpt")["config"]["model"]["encoder_bn"] == "auto"  # weave: train
+    assert load_checkpoint(out / "attempt2" / "last.ckpt")["config"]["model"]["encoder_bn"] == "eval"
+    assert load_checkpoint(out / "last.ckpt")["calibration"]["iteration"] == 30  # evaluated and stored
+    assert evaluation is not None and evaluation.out_dir == out / "eval" and (out / "eval" / "metrics.json").is_file()
+    assert (out / "attempt2" / "eval" / "metrics.json").is_file()  # the second was tested at its end
+
+    client = MlflowClient(store)
+    second = (out / "attempt2" / "mlflow_run_id").read_text().strip()
+    assert (out / "mlflow_run_id").read_text().strip() == run_id != second
+    first_run, second_run = client.get_run(run_id), client.get_run(second)
+    assert "superseded_by" not in first_run.data.tags and first_run.data.tags["health"] == NOT_CONVERGED
+    assert first_run.data.metrics["image_auroc"] == evaluation.metrics["image_auroc"]
+    assert first_run.outputs.model_outputs, "the kept training's model is logged"
+    assert second_run.data.tags["superseded_by"] == run_id and second_run.data.tags["fallback_of"] == run_id
+    assert "proxy/score" in second_run.data.tags["superseded_reason"]
+
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "attempt2").iterdir()}
+    more = lite_cfg(weave, out, **{"train.lr": 1.0, "train.bn_fallback": True, "train.iters": 40,
+                                   "tracking.enabled": True, "tracking.experiment": "fallback-first"})
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        resumed, _, resumed_run = pipeline.run_training(more, resume=True)
+    assert resumed_run == run_id and resumed.iterations == 40 and resumed.attempts == 1
+    assert load_checkpoint(out / "last.ckpt")["config"]["model"]["encoder_bn"] == "auto"
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "attempt2").iterdir()} == kept  # untouched
+    assert not (out / "attempt1").exists()
+
+
+def test_bn_fallback_keeps_the_first_training_only_over_a_flagged_second_with_a_lower_proxy_score():
+    flagged, ok = Health(NOT_CONVERGED, ["the loss stalled"]), Health(OK, [])
+
+    def trained(score, health):
+        return TrainResult(None, None, 40, [], metrics={} if score is None else {PROXY_SCORE: score}, health=health)
+
+    better = pipeline._first_is_better
+    assert better(trained(0.9, flagged), trained(0.8, flagged))
+    assert not better(trained(0.8, flagged), trained(0.9, flagged))
+    assert not better(trained(0.9, flagged), trained(0.8, ok)), "a converged second training is always kept"
+    assert not better(trained(None, flagged), trained(0.8, flagged)), "without proxy metrics: the second"
+    assert not better(trained(0.8, flagged), trained(0.8, flagged)), "a tie: the second"
