@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -40,11 +39,6 @@ from recontrast.model import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def score_model(row: dict, draws: list[tuple[int, int]]) -> dict:
     """Returns {"c<copies>s<seed>": {"score": proxy/score, "kinds": {kind: proxy/<kind>/aupro},
     "cpu_s": CPU seconds}} of one model."""
@@ -53,11 +47,11 @@ def score_model(row: dict, draws: list[tuple[int, int]]) -> dict:
     eval_cfg = dataclasses.replace(cfg.eval, figures=False, gif=False)
     found = {}
     for copies, seed in draws:
-        start = _cpu_seconds()
+        start = time.process_time()
         with torch.inference_mode():
             metrics = proxy_metrics(model, ProxyDataset(val, seed=seed, copies=copies), eval_cfg)
         kinds = {k: metrics[f"proxy/{k}/aupro"] for k in KINDS if f"proxy/{k}/aupro" in metrics}
-        found[f"c{copies}s{seed}"] = {"score": metrics[PROXY_SCORE], "kinds": kinds, "cpu_s": _cpu_seconds() - start}
+        found[f"c{copies}s{seed}"] = {"score": metrics[PROXY_SCORE], "kinds": kinds, "cpu_s": time.process_time() - start}
     return found
 
 

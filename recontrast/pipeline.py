@@ -83,6 +83,11 @@ def evaluate_and_store(model, cfg: Config, datasets: Datasets, checkpoint: Path,
     return result
 
 
+def proxy_part(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Returns the proxy/* entries of a training's metrics (its last evaluation's)."""
+    return {k: v for k, v in metrics.items() if k.startswith(PROXY_PREFIX)}
+
+
 @dataclass
 class PostTraining:
     """What the end of a training knows, computed once and passed on to evaluation and logging."""
@@ -220,9 +225,7 @@ def _keep_first(cfg: Config, data: Datasets, opts: RunOptions, first: tuple, sec
         item.rename(out / item.name)
     (out / ATTEMPT1).rmdir()
     result.warnings.append(why)
-    result.attempt = 1
-    known = PostTraining(None, {k: v for k, v in result.metrics.items() if k.startswith(PROXY_PREFIX)},
-                         result.health)
+    known = PostTraining(None, proxy_part(result.metrics), result.health)
     evaluation = evaluate_and_store(result.model, cfg, data, result.checkpoint, out / "eval",
                                     result.selected_iteration or result.iterations,
                                     known=known) if opts.evaluate_at_end else None
@@ -265,7 +268,7 @@ def _run_training(cfg: Config, data: Datasets, opts: RunOptions):
 
     def finish(result: TrainResult, run: tracking.Run | None) -> EvalResult | None:
         known.health = check_health(cfg, result, run)
-        known.proxy_metrics = {k: v for k, v in result.metrics.items() if k.startswith(PROXY_PREFIX)}
+        known.proxy_metrics = proxy_part(result.metrics)
         if not opts.evaluate_at_end or falls_back(cfg, known.health):  # a flagged run trained again: no test
             return None
         return evaluate_and_store(result.model, cfg, data, result.checkpoint, out / "eval",
