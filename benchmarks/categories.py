@@ -16,6 +16,7 @@ the label-free proxy metrics rank models.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -57,13 +58,14 @@ def recontrast_row(config: str, root: Path, category: str, out: Path, threads: i
                                       "tracking.experiment=benchmark", f"tracking.run_name=recontrast-{category}",
                                       *extra])
     points: list[dict] = []
-    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    t0, cpu0, load = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
     result, evaluation, run_id = run_training(cfg, callbacks=[_Record(points, "default")])
     return {"category": category, "method": "recontrast", "metrics": evaluation.metrics, "points": points,
             "fit_seconds": result.fit_seconds, "total_seconds": time.perf_counter() - t0,
             # Process CPU time (all threads) of training + evaluation: unlike wall time, it does
             # not grow when other work shares the cores; / threads ~ the wall time alone.
             "cpu_seconds": _cpu_seconds() - cpu0, "threads": threads,
+            "load_before": load, "load_after": os.getloadavg()[0],  # 1-minute averages: was the machine quiet?
             "health": result.health.status, "health_reasons": result.health.reasons,
             "selected_iteration": result.selected_iteration, "final_loss": result.loss_history[-1],
             "run_id": run_id, "config": config, "notes": evaluation.notes, "checkpoint": str(result.checkpoint),

@@ -433,6 +433,7 @@ def run_correlation(args, out: Path, results: dict) -> dict:
 def _brief(row: dict) -> dict:
     keep = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max", "proxy/score")
     return {"fit_s": round(row["fit_seconds"], 1), "health": row.get("health", "-"),
+            **{k: round(row[k], 2) for k in ("cpu_seconds", "load_before", "load_after") if k in row},
             **{k: round(row["metrics"][k], 4) for k in keep if k in row["metrics"]}}
 
 

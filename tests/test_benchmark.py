@@ -198,3 +198,17 @@ def test_proxy_steadiness_scores_each_draw_and_says_which_training_each_would_ke
     found = study.rankings(models, [(1, 0), (4, 0)])
     assert found["pairs"] == {"mesh": {"better_on_test": "attempt1", "choice": {"c1s0": "recipe", "c4s0": "attempt1"}}}
     assert found["rho"]["c4s0"]["aupro"] == pytest.approx(1.0) and found["rho"]["c1s0"]["aupro"] == pytest.approx(0.5)
+
+
+def test_a_categories_row_says_its_cpu_time_and_the_load_around_it(synthetic_root, tmp_path):
+    """benchmarks/categories.py: a ReContrast row carries what shows whether the machine was quiet."""
+    from conftest import one_thread
+
+    categories = _script("categories")
+    tiny = ["data.image_size=64", "data.val_fraction=0.25", "model.backbone=resnet18", "model.pretrained=none",
+            "train.iters=2", "train.batch_size=4", "train.bn_fallback=false", "train.eval_every=0",
+            "tracking.enabled=false", "eval.figures=false", "eval.gif=false"]
+    with one_thread():
+        row = categories.recontrast_row("experiments/cpu_default.yaml", synthetic_root, "disc", tmp_path, 1, tiny)
+    assert row["cpu_seconds"] > 0 and row["attempts"] == row["attempt"] == 1
+    assert row["load_before"] >= 0 and row["load_after"] >= 0
