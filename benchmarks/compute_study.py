@@ -55,6 +55,8 @@ SETTINGS = {
     "recipe_size320": ["data.image_size=320"],
     "recipe_iters560": ["train.iters=560"],
     "recipe_lite1": ["model.backbone=tf_efficientnet_lite1"],
+    "recipe_freeze_stem": ["model.freeze_stem=true", "train.depthwise_fp32=true"],
+    "recipe_freeze_stem_size320": ["model.freeze_stem=true", "train.depthwise_fp32=true", "data.image_size=320"],
 }
 ON_RECIPE = "recipe_"  # settings named so change the current recipe, not REFERENCE
 

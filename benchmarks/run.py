@@ -176,18 +176,21 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
 # The training-cost settings the speed section compares side by side (issue 20): name ->
 # (overrides, OMP_WAIT_POLICY of the worker (None: unset, OpenMP's default), the recipe's
 # eval_every). "issue" is the recipe as issue 20 measured it (encoder BN eval, fp32, the frozen
-# encoder run every step, OpenMP's default spin-wait, a proxy evaluation every 40 iterations);
-# "recipe" is experiments/cpu_default.yaml as it now is (encoder BN train). The rows between
-# change one thing at a time.
+# encoder run every step, OpenMP's default spin-wait, a proxy evaluation every 40 iterations,
+# the whole encoder trained, every layer under bf16's autocast); "recipe" is
+# experiments/cpu_default.yaml as it now is. The rows between change one thing at a time.
 F32, B16, BN_EVAL = "train.precision=fp32", "train.precision=bf16", "model.encoder_bn=eval"
 NO_CACHE, CACHE = "train.cache_features=false", "train.cache_features=true"
+WAVE3 = ["model.freeze_stem=false", "train.depthwise_fp32=false"]  # what the rows before the frozen stem had
 THROUGHPUT = {
-    "issue": ([BN_EVAL, F32, NO_CACHE], None, 40),
-    "passive": ([BN_EVAL, F32, NO_CACHE], "PASSIVE", 40),
-    "passive_cache": ([BN_EVAL, F32, CACHE], "PASSIVE", 70),
-    "bf16": ([BN_EVAL, B16, NO_CACHE], None, 40),
-    "bf16_passive_cache": ([BN_EVAL, B16, CACHE], "PASSIVE", 70),
-    "recipe": ([], "PASSIVE", None),
+    "issue": ([*WAVE3, BN_EVAL, F32, NO_CACHE], None, 40),
+    "passive": ([*WAVE3, BN_EVAL, F32, NO_CACHE], "PASSIVE", 40),
+    "passive_cache": ([*WAVE3, BN_EVAL, F32, CACHE], "PASSIVE", 70),
+    "bf16": ([*WAVE3, BN_EVAL, B16, NO_CACHE], None, 40),
+    "bf16_passive_cache": ([*WAVE3, BN_EVAL, B16, CACHE], "PASSIVE", 70),
+    "bn_train": (WAVE3, "PASSIVE", None),  # the recipe of the wave's first sessions (encoder BN train)
+    "depthwise_fp32": (["model.freeze_stem=false"], "PASSIVE", None),
+    "recipe": ([], "PASSIVE", None),  # + model.freeze_stem
 }
 RECIPE_ITERS = 280  # cpu_default.yaml's train.iters: the proxy evaluations are counted per 280 iterations
 

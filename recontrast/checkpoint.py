@@ -80,8 +80,9 @@ def config_changes(stored: dict[str, Any], cfg) -> list[str]:
     old = {f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}
     free = (*PLACEMENT_KEYS, "train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.divergence_window", "train.bn_fallback", "eval.", "tracking.")  # bn_fallback: after the end
-    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
-            if not k.startswith(free) and old.get(k) != v]
+    default = type(cfg)().flatten()  # a key newer than the checkpoint had its default value then
+    return [f"{k}: {old.get(k, default.get(k))!r} -> {v!r}" for k, v in cfg.flatten().items()
+            if not k.startswith(free) and old.get(k, default.get(k)) != v]
 
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:

@@ -60,6 +60,10 @@ class ModelConfig:
     # gradients and BN statistics are unchanged.
     recompute_decoder: bool = False
     recompute_encoder: bool = False
+    # The trainable encoder's stem (its layers at half the image's resolution or finer) keeps
+    # ImageNet's weights and BN statistics, as the frozen encoder's, and continues from the
+    # frozen encoder's stem output: no stem forward/backward in training. Off in the paper.
+    freeze_stem: bool = False
     # torch.compile of the network (encoders, bottleneck, decoder, heads) for training and
     # evaluation: off in the paper; needs a C++ compiler on CPU (Triton on CUDA).
     compile: bool = False
@@ -96,6 +100,10 @@ class TrainConfig:
     # runs it natively: CUDA with bf16, a CPU with avx512_bf16 or AMX; fp32 elsewhere). The
     # loss, partial-BN statistics, anomaly maps and metrics stay fp32 (runtime.autocast).
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    # Under bf16 autocast on the CPU, the encoders' depthwise convolutions run in fp32:
+    # oneDNN's bf16 depthwise kernels (backward above all) are slower than its fp32
+    # channels-last ones. Numbers move as from bf16 towards fp32; no effect on a GPU or in fp32.
+    depthwise_fp32: bool = False
     # The frozen encoder's features of every training image computed once and reused: its
     # weights never change and the recipe has no augmentation, so they are the same every
     # epoch (bit-identical training, one encoder forward per step fewer). Skipped, saying so,

@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from recontrast.config import ConfigError
 from recontrast.loss import ReContrastLoss
-from recontrast.model import PartialBatchNorm2d
+from recontrast.model import PartialBatchNorm2d, mix_into
 
 
 @dataclass(frozen=True)
@@ -145,24 +145,14 @@ class _GlobalBatchStats:
         return y
 
 
-_SYNCED: dict[type, type] = {}
-
-
 def sync_batchnorm(module: nn.Module) -> int:
     """Returns how many BatchNorm layers of `module` now use global batch statistics (in place).
 
     Each layer keeps its class's attributes and state_dict keys (a checkpoint loads in one
     process); the stable variant's PartialBatchNorm2d keeps per-rank statistics.
     """
-    converted = 0
-    for m in module.modules():
-        if isinstance(m, _BatchNorm) and not isinstance(m, (PartialBatchNorm2d, _GlobalBatchStats)):
-            cls = type(m)
-            if cls not in _SYNCED:
-                _SYNCED[cls] = type(f"Synced{cls.__name__}", (_GlobalBatchStats, cls), {})
-            m.__class__ = _SYNCED[cls]
-            converted += 1
-    return converted
+    return mix_into(module, lambda m: isinstance(m, _BatchNorm) and not isinstance(m, PartialBatchNorm2d),
+                    _GlobalBatchStats)
 
 
 # ----------------------------------------------------------------------------- hard mining

@@ -236,7 +236,8 @@ class ReContrast(nn.Module):
     def __init__(self, encoder: nn.Module, channels: list[int], *, domain_adaptation: bool = True,
                  contrast: bool = True, encoder_bn: str = "train", stable: bool = False,
                  width_mult: float = 1.0, channels_last: bool = False, recompute_decoder: bool = False,
-                 recompute_encoder: bool = False, precision: str = "fp32",
+                 recompute_encoder: bool = False, precision: str = "fp32", freeze_stem: bool = False,
+                 depthwise_fp32: bool = False,
                  input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         if encoder_bn not in ("train", "eval"):
@@ -254,6 +255,16 @@ class ReContrast(nn.Module):
         self.encoder = encoder if domain_adaptation else None
         if self.encoder is not None and stable:
             convert_partial_bn(self.encoder)
+        # model.freeze_stem: the trainable encoder's stem keeps ImageNet's weights and statistics,
+        # so both encoders share its output (computed once, or cached with train.cache_features).
+        if depthwise_fp32:  # both encoders alike, so a shared stem and eval-mode agreement hold
+            for enc in (self.encoder_frozen, self.encoder):
+                if enc is not None:
+                    depthwise_in_fp32(enc)
+        self.stem = StemSplit(self.encoder_frozen) if freeze_stem and self.encoder is not None else None
+        if self.stem is not None:
+            for m in self.stem.stem_modules(self.encoder):
+                m.requires_grad_(False)
 
         self.bottleneck = FusionBottleneck(self.channels, width_mult)
         self.decoder = Decoder(self.bottleneck.out_channels, self.channels, width_mult)
@@ -292,6 +303,9 @@ class ReContrast(nn.Module):
             for m in self.encoder.modules():
                 if isinstance(m, _BatchNorm):
                     m.eval()
+        if self.stem is not None:
+            for m in self.stem.stem_modules(self.encoder):
+                m.eval()
         return self
 
     def forward(self, x: Tensor, frozen: list[Tensor] | None = None) -> Pairs:
@@ -300,18 +314,29 @@ class ReContrast(nn.Module):
             return self._pairs(self._prepare(x), frozen)
 
     def frozen_features(self, x: Tensor) -> list[Tensor]:
-        """Returns the frozen encoder's features of x, as forward computes them."""
-        with autocast(self.precision, x.device), torch.no_grad():
-            return self.encoder_frozen(self._prepare(x))
+        """Returns the frozen encoder's features of x, as forward computes them: its levels,
+        then, with model.freeze_stem, the stem's output the trainable encoder continues from."""
+        with autocast(self.precision, x.device):
+            return self._frozen(self._prepare(x))
+
+    def _frozen(self, x: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            if self.stem is None:
+                return self.encoder_frozen(x)
+            stem = self.stem.head(self.encoder_frozen, x)
+            return [*self.stem.tail(self.encoder_frozen, stem), stem]
 
     def _pairs(self, x: Tensor, frozen: list[Tensor] | None) -> Pairs:
         if frozen is None:
-            with torch.no_grad():
-                frozen = self.encoder_frozen(x)
+            frozen = self._frozen(x)
         if self.encoder is None:
             preds = [head(d) for head, d in zip(self.heads[0], self.decoder(self.bottleneck(frozen)))]
             return list(zip(frozen, preds))
-        trained = self.encoder(x)
+        if self.stem is None:
+            trained = self.encoder(x)
+        else:
+            frozen, stem = frozen[:len(self.channels)], frozen[len(self.channels)]
+            trained = self.stem.tail(self.encoder, stem)
         # Both encoders' features in one batch of 2B: bottleneck and decoder BN share statistics.
         both = [torch.cat([t, f], dim=0) for t, f in zip(trained, frozen)]
         decoded = self.decoder(self.bottleneck(both))
@@ -353,6 +378,103 @@ class ReContrast(nn.Module):
         return x
 
 
+class _Fp32OnCpu:
+    """Mixin of a depthwise convolution that runs in fp32 when the CPU's autocast is on
+    (train.depthwise_fp32): oneDNN's bf16 depthwise kernels, their backward above all, are
+    slower than its fp32 channels-last ones (docs/speed.md). Elsewhere it is the plain layer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+
+def mix_into(module: nn.Module, wanted, mixin: type) -> int:
+    """Gives every submodule m of `module` with wanted(m) the class (mixin, type(m)), made once
+    per class: its behaviour changes, its attributes, parameters and state_dict keys do not.
+    Returns how many were changed (those already mixed are left as they are)."""
+    count = 0
+    for m in module.modules():
+        if wanted(m) and not isinstance(m, mixin):
+            base = type(m)
+            if base not in _MIXED.setdefault(mixin, {}):
+                _MIXED[mixin][base] = type(f"{mixin.__name__.strip('_')}{base.__name__}", (mixin, base), {})
+            m.__class__ = _MIXED[mixin][base]
+            count += 1
+    return count
+
+
+_MIXED: dict[type, dict[type, type]] = {}
+
+
+def depthwise_in_fp32(module: nn.Module) -> int:
+    """Makes every depthwise convolution in `module` a `_Fp32OnCpu` one; returns how many."""
+    return mix_into(module, lambda m: isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels,
+                    _Fp32OnCpu)
+
+
+class StemSplit:
+    """Where `model.freeze_stem` cuts an encoder: the stem (its leading layers whose input is at
+    half the image's resolution or finer: EfficientNet's conv_stem, bn1, blocks.0 and blocks.1.0,
+    ResNet's conv1, bn1, act1 and maxpool) and the rest. A timm FeatureListNet's top-level
+    modules are its layers, each nn.Sequential stage split into its blocks; the cut is found by
+    running a small image through the encoder once. `head` runs the stem, `tail` the rest,
+    given the module to run (both encoders have the same structure)."""
+
+    def __init__(self, encoder: nn.Module, size: int = 128) -> None:
+        self.stages = list(encoder.keys())
+        self.outputs = dict(encoder.return_layers)
+        self.cut = (len(self.stages), 0)  # (stage, block): the first layer of the rest
+        x, was_training = torch.zeros(1, 3, size, size), encoder.training
+        encoder.eval()  # the probe leaves BN's running statistics alone
+        try:
+            with torch.no_grad():
+                for i, name in enumerate(self.stages):
+                    for j, block in enumerate(self._blocks(encoder[name])):
+                        if x.shape[-1] * 4 <= size:
+                            self.cut = (i, j)
+                            return
+                        x = block(x)
+        finally:
+            encoder.train(was_training)
+
+    @staticmethod
+    def _blocks(stage: nn.Module) -> list[nn.Module]:
+        return list(stage.children()) if isinstance(stage, nn.Sequential) else [stage]
+
+    def head(self, encoder: nn.Module, x: Tensor) -> Tensor:
+        """Returns the stem's output of x (run as the caller's grad mode and BN mode say)."""
+        stage, block = self.cut
+        for name in self.stages[:stage]:
+            if name in self.outputs:
+                raise ValueError(f"model.freeze_stem: the feature level {name!r} lies inside the stem")
+            x = encoder[name](x)
+        for b in self._blocks(encoder[self.stages[stage]])[:block] if stage < len(self.stages) else []:
+            x = b(x)
+        return x
+
+    def tail(self, encoder: nn.Module, x: Tensor) -> list[Tensor]:
+        """Returns the feature levels, given the stem's output x."""
+        stage, block = self.cut
+        feats = []
+        for i, name in enumerate(self.stages[stage:], start=stage):
+            if i == stage and block:  # the stage the cut falls in: its remaining blocks
+                for b in self._blocks(encoder[name])[block:]:
+                    x = b(x)
+            else:
+                x = encoder[name](x)
+            if name in self.outputs:
+                feats.append(x)
+        return feats
+
+    def stem_modules(self, encoder: nn.Module) -> list[nn.Module]:
+        """Returns the modules of the stem."""
+        stage, block = self.cut
+        whole = [encoder[name] for name in self.stages[:stage]]
+        return whole + (self._blocks(encoder[self.stages[stage]])[:block] if stage < len(self.stages) else [])
+
+
 def _init_like_reference(*modules: nn.Module) -> None:
     """Kaiming-normal (fan_out) Conv2d weights and unit/zero BN, as RD4AD initialises them."""
     for module in modules:
@@ -379,6 +501,8 @@ def build_model(cfg: Config) -> ReContrast:
         recompute_decoder=cfg.model.recompute_decoder,
         recompute_encoder=cfg.model.recompute_encoder,
         precision=cfg.train.precision,
+        freeze_stem=cfg.model.freeze_stem,
+        depthwise_fp32=cfg.train.depthwise_fp32,
         input_norm=pretrained_normalization(cfg.model.backbone),
     )
     if cfg.model.compile:

@@ -81,3 +81,14 @@ def test_files_that_are_not_checkpoints(tmp_path):
         C.load_checkpoint(tmp_path / "junk.ckpt")
     with pytest.raises(C.CheckpointError, match="no checkpoint file .*missing.ckpt.*found: junk.ckpt"):
         C.load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_setting_newer_than_the_checkpoint_counts_as_its_default_on_resume():
+    from recontrast.config import Config
+
+    cfg = Config()
+    stored = cfg.to_dict()
+    del stored["model"]["freeze_stem"], stored["train"]["depthwise_fp32"]  # written before those keys existed
+    assert C.config_changes(stored, cfg) == []
+    cfg.model.freeze_stem = True
+    assert C.config_changes(stored, cfg) == ["model.freeze_stem: False -> True"]

@@ -253,3 +253,64 @@ def test_recomputed_activations_train_exactly_like_stored_ones(backbone):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
     assert torch.equal(a["decoder.stages.2.0.bn1.num_batches_tracked"],
                        b["decoder.stages.2.0.bn1.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("backbone, stem", [
+    ("tf_efficientnet_lite0", ["conv_stem", "bn1", "blocks_0", "blocks_1.0"]),
+    ("resnet18", ["conv1", "bn1", "act1", "maxpool"]),
+])
+def test_freeze_stem_cuts_the_encoder_where_it_reaches_a_quarter_of_the_resolution(backbone, stem):
+    model = _model(backbone, freeze_stem=True)
+    names = {id(m): n for n, m in model.encoder.named_modules()}
+    assert [names[id(m)] for m in model.stem.stem_modules(model.encoder)] == stem
+    x = _x(size=64)
+    # the stem's output is at a quarter of the image's resolution and the levels are unchanged
+    out = model.stem.head(model.encoder_frozen, x)
+    assert out.shape[-1] == 16
+    assert all(torch.equal(a, b) for a, b in zip(model.stem.tail(model.encoder_frozen, out), model.encoder_frozen(x)))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "tf_efficientnet_lite0"])
+def test_freeze_stem_keeps_the_stem_at_its_imagenet_state_and_trains_the_rest(backbone):
+    model = _model(backbone, freeze_stem=True)
+    plain = _model(backbone)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints stay interchangeable
+    stem = [n for n, m in model.encoder.named_modules() if m in model.stem.stem_modules(model.encoder)]
+    before = _state(model.encoder)
+    model.train()
+    bns = [m for s in model.stem.stem_modules(model.encoder) for m in s.modules() if isinstance(m, _BatchNorm)]
+    assert bns and not any(m.training for m in bns)  # ImageNet's statistics, as the frozen encoder's
+    _train_steps(model)
+    after = model.encoder.state_dict()
+    in_stem = [k for k in before if any(k == s or k.startswith(s + ".") for s in stem)]
+    assert in_stem and all(torch.equal(before[k], after[k]) for k in in_stem)  # weights and statistics
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in in_stem)
+    # in eval mode the two encoders still agree exactly before training: the stem is shared
+    fresh = _model(backbone, freeze_stem=True).eval()
+    with torch.no_grad():
+        pairs = fresh(_x())
+    half = len(pairs) // 2
+    assert all(torch.equal(t0, t1) for (t0, _), (t1, _) in zip(pairs[:half], pairs[half:]))
+
+
+def test_depthwise_fp32_runs_only_the_depthwise_convolutions_in_fp32_under_cpu_autocast():
+    plain = _model("tf_efficientnet_lite0", precision="bf16")
+    fp32dw = _model("tf_efficientnet_lite0", precision="bf16", depthwise_fp32=True)
+    assert plain.state_dict().keys() == fp32dw.state_dict().keys()
+    swapped = [m for m in fp32dw.modules() if type(m).__name__.startswith("Fp32OnCpu")]
+    assert swapped and all(m.groups == m.in_channels > 1 for m in swapped)
+    assert len(swapped) == 2 * sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in plain.encoder.modules())
+    assert not any(type(m).__name__.startswith("Fp32OnCpu") for m in _model(depthwise_fp32=True).modules())  # ResNet
+    dtypes = {}
+    for m in swapped[:2]:
+        m.register_forward_hook(lambda mod, args, out: dtypes.__setitem__(id(mod), out.dtype))
+    x = _x()
+    with torch.no_grad():
+        bf16 = [p.float() for _, p in fp32dw.eval()(x)]
+        ref = [p.float() for _, p in plain.eval()(x)]
+    assert set(dtypes.values()) == {torch.float32}
+    for a, b in zip(bf16, ref):  # the same network; only the rounding of some layers differs
+        assert torch.allclose(a, b, rtol=0.1, atol=0.1 * b.abs().max().item())
+    plain.precision = fp32dw.precision = "fp32"  # without autocast the layers are the plain ones
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fp32dw(x), plain(x)))

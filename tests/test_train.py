@@ -279,7 +279,8 @@ def test_bf16_forward_gives_fp32_maps_close_to_fp32(synthetic_root, datasets):
         assert torch.allclose(p16, p32, rtol=0.05, atol=0.05 * p32.abs().max().item())
 
 
-@pytest.mark.parametrize("extra", [{}, {"model.channels_last": True}, {"model.domain_adaptation": False}])
+@pytest.mark.parametrize("extra", [{}, {"model.channels_last": True}, {"model.domain_adaptation": False},
+                                   {"model.freeze_stem": True}])
 def test_cached_frozen_features_train_bit_identically(synthetic_root, datasets, tmp_path, extra):
     runs = [T.train(tiny_cfg(synthetic_root, tmp_path / str(flag), **{"train.cache_features": flag, **extra}),
                     datasets=datasets) for flag in (False, True)]
