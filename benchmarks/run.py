@@ -521,7 +521,12 @@ def main() -> None:
                         "correlation: likewise the models of <out>/correlation_models.json")
     parser.add_argument("--eval-every", type=int, default=40, help="correlation: evaluate every N iterations")
     parser.add_argument("--speed-iters", type=int, default=24, help="speed: training iterations per throughput row")
+    parser.add_argument("--speed-rows", default=",".join(THROUGHPUT),
+                        help="speed: which throughput rows (the 'issue' row is always measured: the ratios are to it)")
     args = parser.parse_args()
+    rows = set(args.speed_rows.split(",")) - {""}
+    if rows - set(THROUGHPUT):
+        parser.error(f"--speed-rows: unknown {sorted(rows - set(THROUGHPUT))}; choose from {', '.join(THROUGHPUT)}")
     unknown = set(args.methods.split(",")) - {"recontrast", "padim", "patchcore"}
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from recontrast, padim, patchcore")
@@ -552,6 +557,8 @@ def main() -> None:
 
         throughput = {}
         for name, (extra, omp_wait, eval_every) in THROUGHPUT.items():
+            if name != "issue" and name not in rows:
+                continue
             with environment(OMP_WAIT_POLICY=omp_wait):  # read by the spawned worker when it loads torch
                 row = in_subprocess(train_throughput, args.recipe, base + extra, args.threads, args.speed_iters)
             row["eval_every"] = row["eval_every"] if eval_every is None else eval_every
