@@ -255,12 +255,12 @@ class ReContrast(nn.Module):
         self.encoder = encoder if domain_adaptation else None
         if self.encoder is not None and stable:
             convert_partial_bn(self.encoder)
-        # model.freeze_stem: the trainable encoder's stem keeps ImageNet's weights and statistics,
-        # so both encoders share its output (computed once, or cached with train.cache_features).
         if depthwise_fp32:  # both encoders alike, so a shared stem and eval-mode agreement hold
             for enc in (self.encoder_frozen, self.encoder):
                 if enc is not None:
                     depthwise_in_fp32(enc)
+        # model.freeze_stem: the trainable encoder's stem keeps ImageNet's weights and statistics,
+        # so both encoders share its output (computed once, or cached with train.cache_features).
         self.stem = StemSplit(self.encoder_frozen) if freeze_stem and self.encoder is not None else None
         if self.stem is not None:
             for m in self.stem.stem_modules(self.encoder):
