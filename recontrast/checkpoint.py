@@ -77,12 +77,12 @@ def restore_training_state(ckpt: dict[str, Any], model, optimizers, scaler) -> N
 def config_changes(stored: dict[str, Any], cfg) -> list[str]:
     """Returns 'key: old -> new' for settings that differ from a checkpoint's stored config
     (run length, logging, output, device, evaluation and tracking may change on resume)."""
-    old = {f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}
+    # a key newer than the checkpoint had its default value then
+    old = {**type(cfg)().flatten(), **{f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}}
     free = (*PLACEMENT_KEYS, "train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.divergence_window", "train.bn_fallback", "eval.", "tracking.")  # bn_fallback: after the end
-    default = type(cfg)().flatten()  # a key newer than the checkpoint had its default value then
-    return [f"{k}: {old.get(k, default.get(k))!r} -> {v!r}" for k, v in cfg.flatten().items()
-            if not k.startswith(free) and old.get(k, default.get(k)) != v]
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
+            if not k.startswith(free) and old.get(k) != v]
 
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:

@@ -425,19 +425,24 @@ class StemSplit:
     def __init__(self, encoder: nn.Module, size: int = 128) -> None:
         self.stages = list(encoder.keys())
         self.outputs = dict(encoder.return_layers)
-        self.cut = (len(self.stages), 0)  # (stage, block): the first layer of the rest
         x, was_training = torch.zeros(1, 3, size, size), encoder.training
         encoder.eval()  # the probe leaves BN's running statistics alone
         try:
             with torch.no_grad():
-                for i, name in enumerate(self.stages):
-                    for j, block in enumerate(self._blocks(encoder[name])):
-                        if x.shape[-1] * 4 <= size:
-                            self.cut = (i, j)
-                            return
-                        x = block(x)
+                self.cut = self._find_cut(encoder, x, size)  # (stage, block): the first layer of the rest
         finally:
             encoder.train(was_training)
+        inside = [name for name in self.stages[:self.cut[0]] if name in self.outputs]
+        if inside:
+            raise ValueError(f"model.freeze_stem: the feature level {inside[0]!r} lies inside the stem")
+
+    def _find_cut(self, encoder: nn.Module, x: Tensor, size: int) -> tuple[int, int]:
+        for i, name in enumerate(self.stages):
+            for j, block in enumerate(self._blocks(encoder[name])):
+                if x.shape[-1] * 4 <= size:
+                    return i, j
+                x = block(x)
+        return len(self.stages), 0
 
     @staticmethod
     def _blocks(stage: nn.Module) -> list[nn.Module]:
@@ -445,13 +450,8 @@ class StemSplit:
 
     def head(self, encoder: nn.Module, x: Tensor) -> Tensor:
         """Returns the stem's output of x (run as the caller's grad mode and BN mode say)."""
-        stage, block = self.cut
-        for name in self.stages[:stage]:
-            if name in self.outputs:
-                raise ValueError(f"model.freeze_stem: the feature level {name!r} lies inside the stem")
-            x = encoder[name](x)
-        for b in self._blocks(encoder[self.stages[stage]])[:block] if stage < len(self.stages) else []:
-            x = b(x)
+        for module in self.stem_modules(encoder):
+            x = module(x)
         return x
 
     def tail(self, encoder: nn.Module, x: Tensor) -> list[Tensor]:
