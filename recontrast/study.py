@@ -145,13 +145,29 @@ def fingerprint(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _differing(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Returns both result_configs json round-tripped, `before` completed with today's defaults,
+    and the keys whose values differ. A key `before` lacks is newer than the run that recorded
+    it, and that run had the key's default behaviour (every new switch defaults to what the code
+    did before it), so a new key at its default changes nothing."""
+    defaults = json.loads(json.dumps(result_config(Config()), default=str))
+    before = {**defaults, **before}
+    after = json.loads(json.dumps(after, default=str))
+    return before, after, sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def same_settings(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
+    """Returns True when a recorded result_config (done.json, started.json) decides the same
+    result as `after`: equal once the keys it lacks take their defaults."""
+    return bool(before) and not _differing(before, after)[2]
+
+
 def changed_keys(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     """Returns 'key: old -> new, ...' between two result_configs (json round-tripped), or a
     note when the earlier one was not recorded."""
     if not before:
         return "the settings it finished with were not recorded"
-    after = json.loads(json.dumps(after, default=str))
-    keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    before, after, keys = _differing(before, after)
     return ", ".join(f"{k}: {show(before.get(k), 30)} -> {show(after.get(k), 30)}" for k in keys) or "none"
 
 
@@ -192,13 +208,14 @@ def study_status(job: Job, force: bool) -> str:
         return PairStatus.RUN
     try:
         done = json.loads((folder / "done.json").read_text())
-        if done.get("fingerprint") == job.fingerprint:
+        if done.get("fingerprint") == job.fingerprint or same_settings(done.get("settings"), job.settings):
             return PairStatus.DONE
     except (OSError, ValueError):
         pass
     try:
         started = json.loads((folder / "started.json").read_text())
-        if started.get("fingerprint") == job.fingerprint and (folder / "train" / "last.ckpt").is_file():
+        same = started.get("fingerprint") == job.fingerprint or same_settings(started.get("settings"), job.settings)
+        if same and (folder / "train" / "last.ckpt").is_file():
             return PairStatus.RESUME
     except (OSError, ValueError):
         pass

@@ -102,6 +102,33 @@ def test_a_rerun_skips_finished_pairs_force_redoes_them_and_failures_do_not_stop
     assert all(j.parent_run_id == parents[0].info.run_id for j in forced.jobs)
 
 
+def test_a_pair_finished_before_a_new_key_existed_is_not_run_again_unless_the_key_leaves_its_default(
+        store, tmp_path):
+    import json
+
+    path = study_file(tmp_path, tmp_path / "data", ["weave"], {"full": {}})
+    runs = tmp_path / "runs"
+    batch.run_study(path, runs_dir=runs, executor=Recorder())
+    # done.json as an older version wrote it: its fingerprint hashed fewer keys, its settings lack
+    # the switches added since (here model.freeze_stem and train.depthwise_fp32)
+    done_file = runs / "mini" / "full" / "weave" / "done.json"
+    done = json.loads(done_file.read_text())
+    for key in ("model.freeze_stem", "train.depthwise_fp32"):
+        del done["settings"][key]
+    done["fingerprint"] = "0123456789ab"
+    done_file.write_text(json.dumps(done))
+
+    nothing = Recorder()
+    batch.run_study(path, runs_dir=runs, executor=nothing)
+    assert nothing.jobs == []
+
+    switched = Recorder()
+    (job,) = study.plan(study.load_study(path), overrides=["model.freeze_stem=true"], runs_dir=runs)
+    assert study.changed_keys(done["settings"], job.settings) == "model.freeze_stem: False -> True"
+    batch.run_study(path, overrides=["model.freeze_stem=true"], runs_dir=runs, executor=switched)
+    assert switched.pairs() == [("full", "weave")]
+
+
 def test_a_half_trained_pair_resumes_from_its_checkpoint(store, tmp_path):
     path = study_file(tmp_path, tmp_path / "data", ["weave"], {"full": {}})
     runs = tmp_path / "runs"
