@@ -202,10 +202,16 @@ def throughput_table(rows: dict) -> str:
              "evaluation, CPU s | load before -> after |", "|---" * 11 + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['precision']} | {r['cache_features']} | {r['omp_wait_policy']} | "
-                     f"{r['it_per_cpu_min']:.1f} | {r['recipe_it_per_cpu_min']:.1f} | {r['speedup_vs_issue']:.2f}x | "
+                     f"{r['it_per_cpu_min']:.1f} | {r['recipe_it_per_cpu_min']:.1f} | {_ratio(r)} | "
                      f"{r['it_per_wall_min']:.1f} | {r['final_loss']:.3f} | {r['proxy_eval_cpu_s'] or 0:.1f} | "
                      f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
     return "\n".join(lines)
+
+
+def _ratio(row: dict) -> str:
+    """Returns '1.78x', or with several rounds '1.78x (1.61-1.80)': the median and the range."""
+    spread = row.get("speedups") or []
+    return f"{row['speedup_vs_issue']:.2f}x" + (f" ({min(spread):.2f}-{max(spread):.2f})" if len(spread) > 1 else "")
 
 
 def recipe_rate(row: dict, eval_every: int) -> float:
@@ -214,6 +220,19 @@ def recipe_rate(row: dict, eval_every: int) -> float:
     evals = RECIPE_ITERS // eval_every if eval_every else 1
     cpu = RECIPE_ITERS * row["cpu_s"] / row["iters"] + evals * (row["proxy_eval_cpu_s"] or 0.0)
     return 60 * RECIPE_ITERS / cpu
+
+
+def median_rows(measured: dict[str, list[dict]]) -> dict[str, dict]:
+    """Returns one row per name from rounds of interleaved measurements ("issue" among them):
+    the round whose ratio to the same round's issue row is the median, with every round's
+    ratio (`speedups`) beside it (`speedup_vs_issue`: that median ratio)."""
+    issue = measured["issue"]
+    out = {}
+    for name, rounds in measured.items():
+        ratios = [r["recipe_it_per_cpu_min"] / i["recipe_it_per_cpu_min"] for r, i in zip(rounds, issue)]
+        middle = sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
+        out[name] = {**rounds[middle], "speedup_vs_issue": ratios[middle], "speedups": ratios}
+    return out
 
 
 def train_throughput(config: str, overrides: list[str], threads: int, iters: int) -> dict:
@@ -521,6 +540,8 @@ def main() -> None:
                         "correlation: likewise the models of <out>/correlation_models.json")
     parser.add_argument("--eval-every", type=int, default=40, help="correlation: evaluate every N iterations")
     parser.add_argument("--speed-iters", type=int, default=24, help="speed: training iterations per throughput row")
+    parser.add_argument("--speed-repeat", type=int, default=1,
+                        help="speed: rounds of the throughput rows, interleaved; the table shows the median ratio")
     parser.add_argument("--speed-rows", default=",".join(THROUGHPUT),
                         help="speed: which throughput rows (the 'issue' row is always measured: the ratios are to it)")
     args = parser.parse_args()
@@ -555,17 +576,20 @@ def main() -> None:
         # The default recipe's loop under each cost setting, side by side in this one run (issue 20).
         from recontrast.runtime import environment
 
-        throughput = {}
-        for name, (extra, omp_wait, eval_every) in THROUGHPUT.items():
-            if name != "issue" and name not in rows:
-                continue
-            with environment(OMP_WAIT_POLICY=omp_wait):  # read by the spawned worker when it loads torch
-                row = in_subprocess(train_throughput, args.recipe, base + extra, args.threads, args.speed_iters)
-            row["eval_every"] = row["eval_every"] if eval_every is None else eval_every
-            row.update(omp_wait_policy=omp_wait or "(OpenMP default)", recipe_it_per_cpu_min=recipe_rate(row, row["eval_every"]))
-            throughput[name] = row
+        measured: dict[str, list[dict]] = {}
+        # Rows interleaved, --speed-repeat rounds: a drift of the machine's speed reaches every row alike.
+        for _ in range(args.speed_repeat):
+            for name, (extra, omp_wait, eval_every) in THROUGHPUT.items():
+                if name != "issue" and name not in rows:
+                    continue
+                with environment(OMP_WAIT_POLICY=omp_wait):  # read by the spawned worker when it loads torch
+                    row = in_subprocess(train_throughput, args.recipe, base + extra, args.threads, args.speed_iters)
+                row["eval_every"] = row["eval_every"] if eval_every is None else eval_every
+                row.update(omp_wait_policy=omp_wait or "(OpenMP default)",
+                           recipe_it_per_cpu_min=recipe_rate(row, row["eval_every"]))
+                measured.setdefault(name, []).append(row)
+        throughput = median_rows(measured)
         for name, row in throughput.items():
-            row["speedup_vs_issue"] = row["recipe_it_per_cpu_min"] / throughput["issue"]["recipe_it_per_cpu_min"]
             show(f"speed/throughput/{name}", row)
         print(throughput_table(throughput), flush=True)
         speed["throughput"] = throughput

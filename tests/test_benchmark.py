@@ -115,6 +115,15 @@ def test_throughput_rows_count_the_recipes_proxy_evaluations_and_compare_with_th
     table = bench.throughput_table(rows).splitlines()
     assert len(table) == 4 and table[3].startswith("| recipe | fp32 | False | PASSIVE | 20.0 | 18.0 | 1.80x |")
 
+    # Three interleaved rounds: each round's ratio is to that round's issue row; the median round is shown.
+    measured = {"issue": [{"recipe_it_per_cpu_min": r, "round": i} for i, r in enumerate((10.0, 12.0, 10.0))],
+                "recipe": [{"recipe_it_per_cpu_min": r, "round": i} for i, r in enumerate((19.0, 18.0, 16.0))]}
+    found = bench.median_rows(measured)
+    assert found["recipe"]["speedups"] == pytest.approx([1.9, 1.5, 1.6])
+    assert found["recipe"]["round"] == 2 and found["recipe"]["speedup_vs_issue"] == pytest.approx(1.6)
+    assert found["issue"]["speedup_vs_issue"] == 1.0
+    assert bench._ratio(found["recipe"]) == "1.60x (1.50-1.90)"
+
 
 
 def test_map_study_scores_the_models_own_map_as_its_evaluation_did(tiny_model, tmp_path):
