@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -37,12 +39,9 @@ JOBS, STEPS, ARTIFACT_BYTES = 8, 100, 200_000
 
 
 # ----------------------------------------------------------------------------- PostgreSQL + server
-OWN_POSTGRES = {"PGPORT": "5434", "PGDATA": "/tmp/recontrast-postgres-tests"}  # when the tests start one
-
-
-def _postgres(action: str) -> subprocess.CompletedProcess:
+def _postgres(action: str, own: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / ".ci" / "postgres"), action], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, **OWN_POSTGRES})
+                          env={**os.environ, **own})
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +51,12 @@ def database():
     psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install -e '.[dev]'")
     server_uri = os.environ.get("RECONTRAST_TEST_POSTGRES", "")
     own = not server_uri
-    if own:
-        started = _postgres("start")
+    if own:  # a cluster of this session's own (folder, port): two test sessions at once do not share one
+        # under /tmp itself, not pytest's 0700 folders: as root the server runs as `postgres`, which must reach it
+        own = {"PGPORT": str(_free_port()), "PGDATA": tempfile.mkdtemp(prefix="recontrast-postgres-tests-", dir="/tmp")}
+        started = _postgres("start", own)
         if started.returncode != 0:
+            shutil.rmtree(own["PGDATA"], ignore_errors=True)
             pytest.skip(f"PostgreSQL cannot be started here ({(started.stderr or started.stdout).strip()[-300:]}); "
                         f"apt-get install postgresql, or set RECONTRAST_TEST_POSTGRES=postgresql://...")
         server_uri = started.stdout.strip().splitlines()[-1]
@@ -68,7 +70,8 @@ def database():
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
         if own:
-            _postgres("stop")
+            _postgres("stop", own)
+            shutil.rmtree(own["PGDATA"], ignore_errors=True)
 
 
 def _free_port() -> int:
