@@ -57,6 +57,10 @@ SETTINGS = {
     "recipe_lite1": ["model.backbone=tf_efficientnet_lite1"],
     "recipe_freeze_stem": ["model.freeze_stem=true", "train.depthwise_fp32=true"],
     "recipe_freeze_stem_size320": ["model.freeze_stem=true", "train.depthwise_fp32=true", "data.image_size=320"],
+    "recipe_size128": ["data.image_size=128"],
+    "recipe_size192": ["data.image_size=192"],
+    "recipe_pool2": ["model.bottleneck_pool=2"],
+    "recipe_pool4": ["model.bottleneck_pool=4"],
 }
 ON_RECIPE = "recipe_"  # settings named so change the current recipe, not REFERENCE
 

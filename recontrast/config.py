@@ -64,6 +64,11 @@ class ModelConfig:
     # ImageNet's weights and BN statistics, as the frozen encoder's, and continues from the
     # frozen encoder's stem output: no stem forward/backward in training. Off in the paper.
     freeze_stem: bool = False
+    # The bottleneck's fused map is average-pooled by this factor before its blocks and their
+    # output brought back to H/32 (bilinear): the decoder rebuilds every level from a coarser
+    # code, so a part that is missing or moved is rebuilt as the normal layout has it. 1 (no
+    # pooling) in the paper.
+    bottleneck_pool: int = 1
     # torch.compile of the network (encoders, bottleneck, decoder, heads) for training and
     # evaluation: off in the paper; needs a C++ compiler on CPU (Triton on CUDA).
     compile: bool = False

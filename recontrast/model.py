@@ -108,8 +108,9 @@ class FusionBottleneck(nn.Module):
     unused 1x1 conv + BN is left out.
     """
 
-    def __init__(self, channels: list[int], width_mult: float = 1.0, blocks: int = 3) -> None:
+    def __init__(self, channels: list[int], width_mult: float = 1.0, blocks: int = 3, pool: int = 1) -> None:
         super().__init__()
+        self.pool = pool  # model.bottleneck_pool
         c1, c2, c3 = channels
         self.down1 = nn.Sequential(*_conv3x3_bn_relu(c1, c2), *_conv3x3_bn_relu(c2, c3))
         self.down2 = nn.Sequential(*_conv3x3_bn_relu(c2, c3))
@@ -123,7 +124,12 @@ class FusionBottleneck(nn.Module):
 
     def forward(self, feats: list[Tensor]) -> Tensor:
         fused = torch.cat([self.down1(feats[0]), self.down2(feats[1]), feats[2]], dim=1)
-        return self.blocks(fused)
+        if self.pool == 1:
+            return self.blocks(fused)
+        # the blocks see a map `pool` times coarser; their output goes back to the size they give unpooled
+        size = [(n - 1) // 2 + 1 for n in fused.shape[-2:]]
+        coarse = self.blocks(F.avg_pool2d(fused, self.pool, ceil_mode=True))
+        return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
 
 
 class DeBottleneck(nn.Module):
@@ -237,7 +243,7 @@ class ReContrast(nn.Module):
                  contrast: bool = True, encoder_bn: str = "train", stable: bool = False,
                  width_mult: float = 1.0, channels_last: bool = False, recompute_decoder: bool = False,
                  recompute_encoder: bool = False, precision: str = "fp32", freeze_stem: bool = False,
-                 depthwise_fp32: bool = False,
+                 depthwise_fp32: bool = False, bottleneck_pool: int = 1,
                  input_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         if encoder_bn not in ("train", "eval"):
@@ -266,7 +272,7 @@ class ReContrast(nn.Module):
             for m in self.stem.stem_modules(self.encoder):
                 m.requires_grad_(False)
 
-        self.bottleneck = FusionBottleneck(self.channels, width_mult)
+        self.bottleneck = FusionBottleneck(self.channels, width_mult, pool=bottleneck_pool)
         self.decoder = Decoder(self.bottleneck.out_channels, self.channels, width_mult)
         self.heads = nn.ModuleList(
             nn.ModuleList(nn.Conv2d(d, c, 1) for d, c in zip(self.decoder.out_channels, self.channels))
@@ -503,6 +509,7 @@ def build_model(cfg: Config) -> ReContrast:
         precision=cfg.train.precision,
         freeze_stem=cfg.model.freeze_stem,
         depthwise_fp32=cfg.train.depthwise_fp32,
+        bottleneck_pool=cfg.model.bottleneck_pool,
         input_norm=pretrained_normalization(cfg.model.backbone),
     )
     if cfg.model.compile:

@@ -59,6 +59,7 @@ MAX_INT = 2**31 - 1  # every integer key (torch and numpy take it), the seeds in
 _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "data.val_fraction": (0, 1, True, False),
     "model.width_mult": (0, None, False, False),
+    "model.bottleneck_pool": (1, 8, True, True),
     "loss.factor": (0, None, True, False),
     "loss.warmup_fraction": (0, 1, True, True),
     "loss.warmup_min_iters": (0, None, True, False),

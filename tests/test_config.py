@@ -94,6 +94,7 @@ BAD_VALUES = {
     "tracking.experiment=": r"tracking\.experiment is empty",
     "train.out=": r"train\.out is empty",
     "train.reset_every=0": r"train\.reset_every=0: must be >= 1",
+    "model.bottleneck_pool=0": r"model\.bottleneck_pool=0: must be in \[1, 8\]",
     "train.seed=-1": r"train\.seed=-1: must be in \[0, 2147483648\)",
     "train.iters=[": r"train\.iters: expected an integer, got '\['",
     "eval.sigma=-1": r"eval\.sigma=-1\.0: must be in \[0, 64\]",

@@ -314,3 +314,21 @@ def test_depthwise_fp32_runs_only_the_depthwise_convolutions_in_fp32_under_cpu_a
     plain.precision = fp32dw.precision = "fp32"  # without autocast the layers are the plain ones
     with torch.no_grad():
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(fp32dw(x), plain(x)))
+
+
+def test_bottleneck_pool_hides_where_in_a_pooling_cell_a_feature_is_and_keeps_every_shape_and_weight():
+    plain, pooled = _model(seed=0), _model(seed=0, bottleneck_pool=2)
+    assert plain.state_dict().keys() == pooled.state_dict().keys()  # checkpoints load either way
+    pooled.load_state_dict(plain.state_dict())
+    plain.eval(), pooled.eval()
+    x = _x(size=96)  # level 3 at 6 x 6: three 2 x 2 pooling cells a side
+    with torch.no_grad():
+        assert [(t.shape, p.shape) for t, p in plain(x)] == [(t.shape, p.shape) for t, p in pooled(x)]
+        feats = plain._frozen(plain._prepare(x))
+        moved = [f.clone() for f in feats]  # level 3 goes into the fused map as it is:
+        moved[2][..., 0, 0], moved[2][..., 0, 1] = feats[2][..., 0, 1], feats[2][..., 0, 0]  # swap in one cell
+        for model, same in ((pooled, True), (plain, False)):
+            a, b = model.bottleneck(feats), model.bottleneck(moved)
+            assert a.shape == b.shape == (2, model.bottleneck.out_channels, 3, 3)
+            assert torch.allclose(a, b, atol=1e-5) is same
+    assert not torch.equal(plain.bottleneck(feats), pooled.bottleneck(feats))
