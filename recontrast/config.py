@@ -147,6 +147,12 @@ class TrainConfig:
     # in <train.out>/attempt1 or attempt2. Off in the paper (one training, whatever its health). Nothing to change,
     # so no second training, without domain adaptation or with train.stable (always train mode).
     bn_fallback: bool = False
+    # With model.bottleneck_pool > 1: a training the health check flags not_converged is
+    # trained again with bottleneck_pool 1 (train.bn_fallback then applies to that one), and
+    # the coarse training stays in <train.out>/coarse, never kept. A coarse code rebuilds an
+    # object's layout (parts missing or moved show); a texture's loss does not fall with it,
+    # and the check says so (docs/recipe.md, "A coarser bottleneck code"). Off in the paper.
+    pool_fallback: bool = False
     # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
     # "proxy" (the evaluation with the best proxy/score, every eval_every iterations; no
     # test label is used). best.ckpt holds them; last.ckpt stays the resume point.
@@ -259,6 +265,15 @@ ATTEMPT1 = "attempt1"  # <train.out>/attempt1: a run's first training, once trai
 # <train.out>/attempt2: train.bn_fallback's second training, when the first was kept after all
 # (both flagged, the first with the higher proxy/score; pipeline._train_again)
 ATTEMPT2 = "attempt2"
+
+
+COARSE = "coarse"  # <train.out>/coarse: a flagged training with model.bottleneck_pool > 1 (train.pool_fallback)
+
+
+def fine_config(cfg: Config) -> Config:
+    """Returns a copy of cfg for train.pool_fallback's next training: bottleneck_pool 1, no
+    further pool fallback (train.bn_fallback as cfg has it)."""
+    return apply_overrides(copy.deepcopy(cfg), {"model.bottleneck_pool": 1, "train.pool_fallback": False})
 
 
 def fallback_config(cfg: Config) -> Config:

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 from recontrast import plots, tracking
 from recontrast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recontrast.config import (ATTEMPT1, ATTEMPT2, Config, apply_overrides, encoder_bn_mode, fallback_config, load_config,
-                               validate, warmup_iters)
+from recontrast.config import (ATTEMPT1, ATTEMPT2, COARSE, Config, apply_overrides, encoder_bn_mode, fallback_config,
+                               fine_config, load_config, validate, warmup_iters)
 from recontrast.data import Datasets, build_datasets
 from recontrast.defects import ProxyDataset
 from recontrast.distributed import is_main_process, world
@@ -139,12 +139,17 @@ def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOpti
     lock = (folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)")
             if owner else contextlib.nullcontext())
     with lock:
+        if pool_fallback_applies(cfg) and (Path(cfg.train.out) / COARSE).is_dir():
+            cfg = fine_config(cfg)  # the coarse training was flagged and set aside: the fine one goes on
         if fallback_applies(cfg):
             cfg = _fallback_state(cfg)
         if opts.resume:
             check_resumable(cfg)
         found = _run_training(cfg, data, opts)
-        return _train_again(cfg, data, opts, found) if falls_back(cfg, found[0].health) else found
+        if not falls_back(cfg, found[0].health):
+            return found
+        return (_train_fine(cfg, data, opts, found) if pool_fallback_applies(cfg)
+                else _train_again(cfg, data, opts, found))
 
 
 def fallback_applies(cfg: Config) -> bool:
@@ -153,6 +158,12 @@ def fallback_applies(cfg: Config) -> bool:
     rank would have to agree)."""
     return (cfg.train.bn_fallback and cfg.model.domain_adaptation and not cfg.train.stable
             and not world().distributed)
+
+
+def pool_fallback_applies(cfg: Config) -> bool:
+    """Returns whether train.pool_fallback may retrain cfg: asked for, a coarse bottleneck code
+    (model.bottleneck_pool > 1), one process."""
+    return cfg.train.pool_fallback and cfg.model.bottleneck_pool > 1 and not world().distributed
 
 
 def _fallback_state(cfg: Config) -> Config:
@@ -166,8 +177,35 @@ def _fallback_state(cfg: Config) -> Config:
 
 
 def falls_back(cfg: Config, health: Health | None) -> bool:
-    """Returns whether a training of cfg with this health is trained again (train.bn_fallback)."""
-    return fallback_applies(cfg) and health is not None and health.status == NOT_CONVERGED
+    """Returns whether a training of cfg with this health is trained again (train.pool_fallback
+    or train.bn_fallback)."""
+    return ((pool_fallback_applies(cfg) or fallback_applies(cfg))
+            and health is not None and health.status == NOT_CONVERGED)
+
+
+def _train_fine(cfg: Config, data: Datasets, opts: RunOptions, coarse: tuple):
+    """Returns what run_training returns for train.pool_fallback's training with bottleneck_pool
+    1 (and train.bn_fallback's after it, as run_training does), after moving the flagged coarse
+    training into <train.out>/coarse and marking its MLflow run superseded_by the kept one."""
+    result, _, coarse_run = coarse
+    out, fine = Path(cfg.train.out), fine_config(cfg)
+    said = (f"train.pool_fallback: the training with model.bottleneck_pool={cfg.model.bottleneck_pool} did not "
+            f"converge ({'; '.join(result.health.reasons)}); training it again with model.bottleneck_pool=1. "
+            f"The coarse training is kept in {out / COARSE}")
+    log.warning(said)
+    _move_run_into(out, COARSE)
+    tags = {**(opts.tags or {}), **({Tag.FALLBACK_OF: coarse_run} if coarse_run else {})}
+    again = dataclasses.replace(opts, resume=False, tags=tags)
+    kept = _run_training(fine, data, again)
+    if falls_back(fine, kept[0].health):
+        kept = _train_again(fine, data, again, kept)
+    kept[0].warnings.insert(0, said)
+    kept[0].coarse_attempt, kept[0].fit_seconds = True, kept[0].fit_seconds + result.fit_seconds
+    if kept[2] and coarse_run:
+        with contextlib.suppress(Exception):  # a tag is never worth failing the run that is kept
+            tracking.Run(coarse_run, get_client(cfg)).set_tags(
+                {Tag.SUPERSEDED_BY: kept[2], Tag.SUPERSEDED_REASON: said[:5000]})
+    return kept
 
 
 def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
@@ -238,7 +276,7 @@ def _move_run_into(out: Path, name: str) -> None:
     """Moves what a training wrote into <out> (not earlier attempts, not the lock) into <out>/name."""
     (out / name).mkdir()
     for item in out.iterdir():
-        if item.name not in (ATTEMPT1, ATTEMPT2, LOCK_FILE):
+        if item.name not in (ATTEMPT1, ATTEMPT2, COARSE, LOCK_FILE):
             item.rename(out / name / item.name)
 
 

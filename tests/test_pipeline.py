@@ -296,3 +296,54 @@ def test_bn_fallback_keeps_the_first_training_only_over_a_flagged_second_with_a_
     assert not better(trained(0.9, flagged), trained(0.8, ok)), "a converged second training is always kept"
     assert not better(trained(None, flagged), trained(0.8, flagged)), "without proxy metrics: the second"
     assert not better(trained(0.8, flagged), trained(0.8, flagged)), "a tie: the second"
+
+
+@pytest.mark.slow
+def test_pool_fallback_trains_a_flagged_coarse_run_again_with_a_fine_code_and_bn_fallback_after_it(
+        weave, tmp_path, store, monkeypatch):
+    """A learning rate of 1.0 stalls every training: the coarse one (bottleneck_pool 2) moves to
+    coarse/ and is trained again with bottleneck_pool 1, which train.bn_fallback trains once more
+    in eval mode; the coarse run points to the kept one, and a resume continues the kept one."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    settings = {"train.lr": 1.0, "train.bn_fallback": True, "train.pool_fallback": True, "model.bottleneck_pool": 2,
+                "tracking.enabled": True, "tracking.experiment": "pool-fallback"}
+    proxy_scores_of_trainings(monkeypatch, 0.9, 0.6, 0.7)  # the coarse one's is never compared
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        result, evaluation, run_id = pipeline.run_training(lite_cfg(weave, out, **settings))
+    assert result.warnings[0].startswith("train.pool_fallback: the training with model.bottleneck_pool=2 did not")
+    assert result.coarse_attempt and (result.attempts, result.attempt) == (2, 2)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["attempt1", "coarse", "eval"]
+    coarse = load_checkpoint(out / "coarse" / "last.ckpt")["config"]["model"]
+    first = load_checkpoint(out / "attempt1" / "last.ckpt")["config"]["model"]
+    kept = load_checkpoint(out / "last.ckpt")["config"]["model"]
+    assert (coarse["bottleneck_pool"], first["bottleneck_pool"], kept["bottleneck_pool"]) == (2, 1, 1)
+    assert (first["encoder_bn"], kept["encoder_bn"]) == ("auto", "eval")  # weave: train, then eval
+    assert evaluation is not None and not (out / "coarse" / "eval").exists()  # the flagged ones are not tested
+    client = MlflowClient(store)
+    coarse_run = (out / "coarse" / "mlflow_run_id").read_text().strip()
+    first_run = (out / "attempt1" / "mlflow_run_id").read_text().strip()
+    assert len({coarse_run, first_run, run_id}) == 3
+    assert client.get_run(coarse_run).data.tags["superseded_by"] == run_id
+    assert "bottleneck_pool=1" in client.get_run(coarse_run).data.tags["superseded_reason"]
+    assert client.get_run(first_run).data.tags["fallback_of"] == coarse_run
+    assert client.get_run(run_id).data.params["model.bottleneck_pool"] == "1"
+
+    untouched = {p.name: p.stat().st_mtime_ns for p in (out / "coarse").iterdir()}
+    more = lite_cfg(weave, out, **{**settings, "train.iters": 40})
+    with one_thread(), pytest.warns(RuntimeWarning, match="did not converge"):
+        resumed, _, resumed_run = pipeline.run_training(more, resume=True)
+    assert resumed_run == run_id and resumed.iterations == 40 and not resumed.coarse_attempt
+    assert load_checkpoint(out / "last.ckpt")["config"]["model"]["bottleneck_pool"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "coarse").iterdir()} == untouched
+
+
+def test_pool_fallback_leaves_a_run_that_converged_or_has_no_coarse_code_alone():
+    flagged, ok = Health(NOT_CONVERGED, ["the loss stalled"]), Health(OK, [])
+    coarse = apply_overrides(Config(), {"model.bottleneck_pool": 2, "train.pool_fallback": True})
+    assert pipeline.falls_back(coarse, flagged) and not pipeline.falls_back(coarse, ok)
+    fine = pipeline.fine_config(coarse)
+    assert (fine.model.bottleneck_pool, fine.train.pool_fallback) == (1, False)
+    assert not pipeline.falls_back(fine, flagged)  # nor train.bn_fallback, off here
+    assert not pipeline.pool_fallback_applies(apply_overrides(Config(), {"train.pool_fallback": True}))
