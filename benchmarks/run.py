@@ -181,7 +181,7 @@ def train_step_time(config: str, overrides: list[str], threads: int, steps: int,
 # experiments/cpu_default.yaml as it now is. The rows between change one thing at a time.
 F32, B16, BN_EVAL = "train.precision=fp32", "train.precision=bf16", "model.encoder_bn=eval"
 NO_CACHE, CACHE = "train.cache_features=false", "train.cache_features=true"
-POOL1 = "model.bottleneck_pool=1"  # what every row before the coarser bottleneck code had
+POOL1 = "model.bottleneck_pool=1"  # the code every row has (experiments/cpu_parts.yaml pools it)
 WAVE3 = ["model.freeze_stem=false", "train.depthwise_fp32=false", POOL1]  # ... and before the frozen stem
 THROUGHPUT = {
     "issue": ([*WAVE3, BN_EVAL, F32, NO_CACHE], None, 40),
@@ -191,8 +191,7 @@ THROUGHPUT = {
     "bf16_passive_cache": ([*WAVE3, BN_EVAL, B16, CACHE], "PASSIVE", 70),
     "bn_train": (WAVE3, "PASSIVE", None),  # the recipe of the wave's first sessions (encoder BN train)
     "depthwise_fp32": (["model.freeze_stem=false", POOL1], "PASSIVE", None),
-    "freeze_stem": ([POOL1], "PASSIVE", None),  # the recipe of the wave's fifth session
-    "recipe": ([], "PASSIVE", None),  # + model.bottleneck_pool
+    "recipe": ([], "PASSIVE", None),  # + model.freeze_stem
 }
 RECIPE_ITERS = 280  # cpu_default.yaml's train.iters: the proxy evaluations are counted per 280 iterations
 

@@ -216,9 +216,11 @@ def test_a_categories_row_says_its_cpu_time_and_the_load_around_it(synthetic_roo
 
     categories = _script("categories")
     tiny = ["data.image_size=64", "data.val_fraction=0.25", "model.backbone=resnet18", "model.pretrained=none",
-            "train.iters=2", "train.batch_size=4", "train.bn_fallback=false", "train.eval_every=0",
+            "train.iters=2", "train.batch_size=4", "train.bn_fallback=false", "train.pool_fallback=false",
+            "train.eval_every=0",
             "tracking.enabled=false", "eval.figures=false", "eval.gif=false"]
     with one_thread():
         row = categories.recontrast_row("experiments/cpu_default.yaml", synthetic_root, "disc", tmp_path, 1, tiny)
     assert row["cpu_seconds"] > 0 and row["attempts"] == row["attempt"] == 1
+    assert row["bottleneck_pool"] == 1 and not row["coarse_attempt"]
     assert row["load_before"] >= 0 and row["load_after"] >= 0

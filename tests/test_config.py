@@ -58,7 +58,7 @@ def test_missing_config_file_lists_what_exists():
         load_config(ROOT / "experiments" / "dmeo.yaml")
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "mvtec_paper.yaml", "cpu_default.yaml", "cpu_long.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "mvtec_paper.yaml", "cpu_default.yaml", "cpu_long.yaml", "cpu_parts.yaml"])
 def test_shipped_experiment_files_load(name):
     load_config(ROOT / "experiments" / name)
 
@@ -68,6 +68,14 @@ def test_the_long_cpu_recipe_is_the_default_one_at_a_larger_image_size():
 
     default, long = (load_config(ROOT / "experiments" / f"cpu_{name}.yaml") for name in ("default", "long"))
     assert config_diff(default, long) == {"data.image_size": (256, 320), "train.out": ("runs/cpu_default", "runs/cpu_long")}
+
+
+def test_the_parts_recipe_is_the_default_one_with_a_coarse_bottleneck_code_and_its_fallback():
+    from recontrast.config import config_diff
+
+    default, parts = (load_config(ROOT / "experiments" / f"cpu_{name}.yaml") for name in ("default", "parts"))
+    assert config_diff(default, parts) == {"model.bottleneck_pool": (1, 2), "train.pool_fallback": (False, True),
+                                           "train.out": ("runs/cpu_default", "runs/cpu_parts")}
 
 
 def test_encoder_bn_auto_follows_the_per_category_defaults():
