@@ -182,3 +182,24 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_a_coarse_bottleneck_code_exports_and_runs_as_pytorch_does(tmp_path):
+    """model.bottleneck_pool adds an average pool and a bilinear resize to the graph: ONNX Runtime
+    runs them as PyTorch does (an odd-sized map included: the pool's ceil mode, the resize's size)."""
+    pytest.importorskip("onnxruntime")
+    from recontrast.backbones import create_encoder
+    from recontrast.config import EvalConfig
+    from recontrast.model import ReContrast
+
+    torch.manual_seed(0)
+    encoder, channels = create_encoder("resnet18", "none")
+    model = ReContrast(encoder, channels, bottleneck_pool=2).eval()
+    graph = runtimes.InferenceGraph(model, EvalConfig(), 96)  # level 3 at 6 x 6, pooled to 3 x 3
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        maps, scores = graph(x)
+    out = runtimes.write_model(graph, tmp_path / "last.onnx", "onnx", None, {})
+    got_maps, got_scores = Session(out, "onnx", threads=1).run(x.numpy())
+    np.testing.assert_allclose(got_maps, maps.numpy(), rtol=0, atol=FP32_ATOL)
+    np.testing.assert_allclose(got_scores, scores.numpy(), rtol=0, atol=FP32_ATOL)
