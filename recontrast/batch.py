@@ -35,7 +35,7 @@ from recontrast.preflight import checkpoint_progress
 from recontrast.ray_executor import RayOptions, check_options, connected, import_ray, run_pairs
 from recontrast.runtime import PROGRESS_LINES_ENV, ROOT_ENV, environment, notebook_folder, project_root
 from recontrast.study import (Job, PairStatus, Study, changed_keys, check_name, load_study, plan,
-                              same_settings, study_status, switches)
+                              recorded_as, study_status, switches)
 from recontrast.study_results import (delta_table, log_comparison, log_study_metrics, study_results, ui_link,
                                       write_delta_table)
 
@@ -402,8 +402,7 @@ def _say_why_rerun(job: Job, force: bool) -> None:
         done = json.loads((Path(job.folder) / "done.json").read_text())
     except (OSError, ValueError):
         return
-    same = done.get("fingerprint") == job.fingerprint or same_settings(done.get("settings"), job.settings)
-    why = "--force" if force and same else \
+    why = "--force" if force and recorded_as(done, job) else \
         f"its settings changed since it finished ({changed_keys(done.get('settings'), job.settings)})"
     print(f"{job.variant}/{job.category}: running it again: {why}", flush=True)
     job.replaces = done.get("run_id") or ""

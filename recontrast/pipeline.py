@@ -194,18 +194,27 @@ def _train_fine(cfg: Config, data: Datasets, opts: RunOptions, coarse: tuple):
             f"The coarse training is kept in {out / COARSE}")
     log.warning(said)
     _move_run_into(out, COARSE)
-    tags = {**(opts.tags or {}), **({Tag.FALLBACK_OF: coarse_run} if coarse_run else {})}
-    again = dataclasses.replace(opts, resume=False, tags=tags)
+    again = _options_after(opts, coarse_run)
     kept = _run_training(fine, data, again)
     if falls_back(fine, kept[0].health):
         kept = _train_again(fine, data, again, kept)
     kept[0].warnings.insert(0, said)
     kept[0].coarse_attempt, kept[0].fit_seconds = True, kept[0].fit_seconds + result.fit_seconds
-    if kept[2] and coarse_run:
-        with contextlib.suppress(Exception):  # a tag is never worth failing the run that is kept
-            tracking.Run(coarse_run, get_client(cfg)).set_tags(
-                {Tag.SUPERSEDED_BY: kept[2], Tag.SUPERSEDED_REASON: said[:5000]})
+    _mark_superseded(cfg, coarse_run, kept[2], said)
     return kept
+
+
+def _options_after(opts: RunOptions, run_id: str | None) -> RunOptions:
+    """Returns the options of a training that replaces run `run_id` (a fresh start, tagged fallback_of)."""
+    tags = {**(opts.tags or {}), **({Tag.FALLBACK_OF: run_id} if run_id else {})}
+    return dataclasses.replace(opts, resume=False, tags=tags)
+
+
+def _mark_superseded(cfg: Config, run_id: str | None, by: str | None, why: str) -> None:
+    """Tags MLflow run `run_id` superseded_by `by` (as batch marks a pair's replaced run), when both exist."""
+    if run_id and by:
+        with contextlib.suppress(Exception):  # a tag is never worth failing the run that is kept
+            tracking.Run(run_id, get_client(cfg)).set_tags({Tag.SUPERSEDED_BY: by, Tag.SUPERSEDED_REASON: why[:5000]})
 
 
 def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
@@ -220,8 +229,7 @@ def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
             f"{second.model.encoder_bn}. The first training is kept in {out / ATTEMPT1}")
     log.warning(said)  # and in result.warnings, which notebook 02 prints
     _move_run_into(out, ATTEMPT1)
-    tags = {**(opts.tags or {}), **({Tag.FALLBACK_OF: first_run} if first_run else {})}
-    found = _run_training(second, data, dataclasses.replace(opts, resume=False, tags=tags))
+    found = _run_training(second, data, _options_after(opts, first_run))
     found[0].attempt, fit_seconds = 2, result.fit_seconds + found[0].fit_seconds
     kept, dropped, why = found, first, said
     if _first_is_better(result, found[0]):
@@ -229,10 +237,7 @@ def _train_again(cfg: Config, data: Datasets, opts: RunOptions, first: tuple):
         why = result.warnings[-1]
     kept[0].warnings.insert(0, said)
     kept[0].attempts, kept[0].fit_seconds = 2, fit_seconds
-    if kept[2] and dropped[2]:
-        with contextlib.suppress(Exception):  # a tag is never worth failing the run that is kept
-            tracking.Run(dropped[2], get_client(cfg)).set_tags(  # as batch marks a pair's replaced run
-                {Tag.SUPERSEDED_BY: kept[2], Tag.SUPERSEDED_REASON: why[:5000]})
+    _mark_superseded(cfg, dropped[2], kept[2], why)
     return kept
 
 

@@ -162,6 +162,13 @@ def same_settings(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
     return bool(before) and not _differing(before, after)[2]
 
 
+def recorded_as(record: dict[str, Any], job: Job) -> bool:
+    """Returns whether a pair's record (done.json, started.json) was written for the settings
+    `job` has: the same fingerprint, or recorded settings that are the same once keys added
+    since take their defaults (same_settings)."""
+    return record.get("fingerprint") == job.fingerprint or same_settings(record.get("settings"), job.settings)
+
+
 def changed_keys(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     """Returns 'key: old -> new, ...' between two result_configs (json round-tripped), or a
     note when the earlier one was not recorded."""
@@ -208,14 +215,13 @@ def study_status(job: Job, force: bool) -> str:
         return PairStatus.RUN
     try:
         done = json.loads((folder / "done.json").read_text())
-        if done.get("fingerprint") == job.fingerprint or same_settings(done.get("settings"), job.settings):
+        if recorded_as(done, job):
             return PairStatus.DONE
     except (OSError, ValueError):
         pass
     try:
         started = json.loads((folder / "started.json").read_text())
-        same = started.get("fingerprint") == job.fingerprint or same_settings(started.get("settings"), job.settings)
-        if same and (folder / "train" / "last.ckpt").is_file():
+        if recorded_as(started, job) and (folder / "train" / "last.ckpt").is_file():
             return PairStatus.RESUME
     except (OSError, ValueError):
         pass
