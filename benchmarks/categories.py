@@ -70,7 +70,8 @@ def recontrast_row(config: str, root: Path, category: str, out: Path, threads: i
             "selected_iteration": result.selected_iteration, "final_loss": result.loss_history[-1],
             "run_id": run_id, "config": config, "notes": evaluation.notes, "checkpoint": str(result.checkpoint),
             "attempts": result.attempts, "attempt": result.attempt, "coarse_attempt": result.coarse_attempt,
-            "bottleneck_pool": 1 if result.coarse_attempt else cfg.model.bottleneck_pool,
+            # the code the kept model has: train.pool_max_spread or train.pool_fallback may have made it 1
+            "bottleneck_pool": result.model.bottleneck.pool, "position_spread": result.position_spread,
             "encoder_bn": encoder_bn_mode(fallback_config(cfg) if result.attempt == 2 else cfg)}
 
 
@@ -111,6 +112,9 @@ def verdicts(rows: list[dict]) -> list[str]:
         versus = "NOT met (" + ", ".join(behind) + ")" if behind else "MET" if peers_ else "not measured (no peer in this run)"
         parts = [f"{category}: vs best peer {versus}",
                  f"fit {ours['fit_seconds']:.0f} s {'MET' if fit_ok else 'NOT met'}", f"health {ours['health']}"]
+        if ours.get("position_spread") is not None:
+            parts.append(f"position spread {ours['position_spread']:.3f} (train.pool_max_spread): "
+                         f"bottleneck_pool {ours.get('bottleneck_pool')}")
         if ours.get("coarse_attempt"):
             parts.append("its coarse training (model.bottleneck_pool > 1) flagged and trained again with "
                          "bottleneck_pool=1 (train.pool_fallback)")

@@ -80,8 +80,8 @@ def config_changes(stored: dict[str, Any], cfg) -> list[str]:
     # a key newer than the checkpoint had its default value then
     old = {**type(cfg)().flatten(), **{f"{s}.{k}": v for s, sub in stored.items() for k, v in sub.items()}}
     free = (*PLACEMENT_KEYS, "train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.divergence_window", "train.bn_fallback", "train.pool_fallback", "eval.",
-            "tracking.")  # the fallbacks: after the end
+            "train.divergence_window", "train.bn_fallback", "train.pool_fallback", "train.pool_max_spread",
+            "eval.", "tracking.")  # the fallbacks: after the end; the spread: bottleneck_pool says what it chose
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.flatten().items()
             if not k.startswith(free) and old.get(k) != v]
 

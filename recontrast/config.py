@@ -153,6 +153,14 @@ class TrainConfig:
     # object's layout (parts missing or moved show); a texture's loss does not fall with it,
     # and the check says so (docs/recipe.md, "A coarser bottleneck code"). Off in the paper.
     pool_fallback: bool = False
+    # With model.bottleneck_pool > 1: the coarse code is kept only for training images that
+    # share a layout, i.e. whose position spread (the share of the frozen features' variance at
+    # stride 8, on an 8 x 8 grid, that lies within each position across the images;
+    # recontrast/layout.py) is at most this; above it the training uses bottleneck_pool 1.
+    # Label-free, measured before training (~6-9 CPU-s for 200-300 images at 256 px). On the dev
+    # categories: bottle 0.03, disc 0.17, board 0.27 share a layout; screw (any pose) 0.78, bar
+    # 0.79, the textures 0.88-0.91 do not. 1.0: not measured, the coarse code always.
+    pool_max_spread: float = 1.0
     # Which weights the run keeps: "last" (the last iteration, the paper's protocol) or
     # "proxy" (the evaluation with the best proxy/score, every eval_every iterations; no
     # test label is used). best.ckpt holds them; last.ckpt stays the resume point.

@@ -53,6 +53,8 @@ class Tag:
     # On a run another one replaced (a study pair run again, a training train.bn_fallback redid):
     # the new run's id and why; on the new one, with train.bn_fallback, the flagged first run's id.
     SUPERSEDED_BY, SUPERSEDED_REASON, FALLBACK_OF = "superseded_by", "superseded_reason", "fallback_of"
+    # train.pool_max_spread: the training images' position spread (recontrast.layout), when measured.
+    POSITION_SPREAD = "position_spread"
 
 
 class StoreUnreachable(ConnectionError):

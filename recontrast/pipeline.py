@@ -28,6 +28,8 @@ from recontrast.defects import ProxyDataset
 from recontrast.distributed import is_main_process, world
 from recontrast.evaluate import PROXY_PREFIX, PROXY_SCORE, EvalResult, evaluate, make_eval_fn, proxy_metrics
 from recontrast.health import NOT_CONVERGED, Health, assess
+from recontrast.layout import choose_bottleneck_pool
+from recontrast.layout import verdict as layout_verdict
 from recontrast.locks import LOCK_FILE, folder_lock
 from recontrast.mlflow_store import (Tag, check_reachable, get_client, run_of_folder, tracking_uri,
                                      write_run_id)
@@ -139,6 +141,10 @@ def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOpti
     lock = (folder_lock(cfg.train.out, "the run folder", fix="train into another folder (--out / train.out)")
             if owner else contextlib.nullcontext())
     with lock:
+        # train.pool_max_spread: the coarse code only for training images that share a layout.
+        cfg, spread = choose_bottleneck_pool(cfg, data.train)
+        if spread is not None:
+            opts = dataclasses.replace(opts, tags={**(opts.tags or {}), Tag.POSITION_SPREAD: f"{spread:.4f}"})
         if pool_fallback_applies(cfg) and (Path(cfg.train.out) / COARSE).is_dir():
             cfg = fine_config(cfg)  # the coarse training was flagged and set aside: the fine one goes on
         if fallback_applies(cfg):
@@ -146,10 +152,11 @@ def run_training(cfg: Config, datasets: Datasets | None = None, options: RunOpti
         if opts.resume:
             check_resumable(cfg)
         found = _run_training(cfg, data, opts)
-        if not falls_back(cfg, found[0].health):
-            return found
-        return (_train_fine(cfg, data, opts, found) if pool_fallback_applies(cfg)
-                else _train_again(cfg, data, opts, found))
+        if falls_back(cfg, found[0].health):
+            found = (_train_fine(cfg, data, opts, found) if pool_fallback_applies(cfg)
+                     else _train_again(cfg, data, opts, found))
+        found[0].position_spread = spread
+        return found
 
 
 def fallback_applies(cfg: Config) -> bool:
@@ -420,6 +427,8 @@ def main_train(
     chosen = (f", weights of iteration {result.selected_iteration} (train.select=proxy)"
               if result.selected_iteration is not None else "")
     print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations{chosen}{run}{note})")
+    if result.position_spread is not None:
+        print(layout_verdict(result.position_spread, cfg.train.pool_max_spread, result.model.bottleneck.pool))
     if result.health is not None and result.health.status == NOT_CONVERGED:
         print(f"WARNING: {result.health.message}")
     return result

@@ -79,6 +79,7 @@ class TrainResult:
     attempts: int = 1  # 2 when train.bn_fallback trained it again (fit_seconds counts both)
     attempt: int = 1  # which of them this is: train.bn_fallback keeps the second unless both were flagged
     coarse_attempt: bool = False  # a flagged training with model.bottleneck_pool > 1 came first (train.pool_fallback)
+    position_spread: float | None = None  # the training images', when train.pool_max_spread chose the code
 
 
 def batch_indices(n: int, batch_size: int, seed: int, iteration: int, drop_last: bool) -> torch.Tensor:

@@ -79,6 +79,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.eval_every": (0, None, True, False),
     "train.checkpoint_every": (0, None, True, False),
     "train.divergence_window": (0, None, True, False),
+    "train.pool_max_spread": (0, 1, True, True),
     "eval.sigma": (0, 64, True, True),
     "eval.topk": (0, 1, False, True),
     "eval.batch_size": (1, None, True, False),

@@ -22,7 +22,7 @@ LAYERS = {
     "runtime helpers": ["runtime", "locks", "cpu_memory", "checkpoint"],
     "data": ["images", "data", "synthetic", "defects"],
     "method": ["backbones", "model", "loss", "anomaly_map", "metrics"],
-    "steps": ["calibration", "evaluate", "health", "distributed", "train", "plots"],
+    "steps": ["calibration", "evaluate", "health", "layout", "distributed", "train", "plots"],
     "outputs and services": ["report", "runtimes", "infer", "pyfunc_model", "export", "mlflow_store", "mlflow_model", "tracking"],
     "orchestration": ["preflight", "pipeline"],
     "entry points": ["study", "study_results", "ray_executor", "batch", "demo", "cli", "__main__"],

@@ -222,5 +222,21 @@ def test_a_categories_row_says_its_cpu_time_and_the_load_around_it(synthetic_roo
     with one_thread():
         row = categories.recontrast_row("experiments/cpu_default.yaml", synthetic_root, "disc", tmp_path, 1, tiny)
     assert row["cpu_seconds"] > 0 and row["attempts"] == row["attempt"] == 1
-    assert row["bottleneck_pool"] == 1 and not row["coarse_attempt"]
+    # the recipe's coarse code where the training images' position spread lets it through, as kept
+    assert 0 <= row["position_spread"] <= 1 and not row["coarse_attempt"]
+    assert row["bottleneck_pool"] == (2 if row["position_spread"] <= 0.5 else 1)
     assert row["load_before"] >= 0 and row["load_after"] >= 0
+
+
+def test_the_spread_script_says_which_code_the_recipe_chooses_per_category(synthetic_root):
+    """benchmarks/spread.py: cpu_default.yaml's offline Lite0 on tiny synthetic data; a fixed
+    layout (disc) keeps the coarse code, a texture (grain) gets the paper's."""
+    from conftest import one_thread
+
+    spread = _script("spread")
+    with one_thread():
+        disc, grain = (spread.spread_row("experiments/cpu_default.yaml", synthetic_root, c, 64, ["data.val_fraction=0"])
+                       for c in ("disc", "grain"))
+    assert disc["position_spread"] < disc["limit"] == 0.5 < grain["position_spread"]
+    assert (disc["bottleneck_pool"], grain["bottleneck_pool"]) == (2, 1)
+    assert disc["images"] == 12 and disc["cpu_seconds"] > 0

@@ -70,11 +70,12 @@ def test_the_long_cpu_recipe_is_the_default_one_at_a_larger_image_size():
     assert config_diff(default, long) == {"data.image_size": (256, 320), "train.out": ("runs/cpu_default", "runs/cpu_long")}
 
 
-def test_the_parts_recipe_is_the_default_one_with_a_coarse_bottleneck_code_and_its_fallback():
+def test_the_parts_recipe_is_the_default_one_with_the_coarse_code_whatever_the_spread():
     from recontrast.config import config_diff
 
     default, parts = (load_config(ROOT / "experiments" / f"cpu_{name}.yaml") for name in ("default", "parts"))
-    assert config_diff(default, parts) == {"model.bottleneck_pool": (1, 2), "train.pool_fallback": (False, True),
+    assert (default.model.bottleneck_pool, default.train.pool_fallback) == (2, True)
+    assert config_diff(default, parts) == {"train.pool_max_spread": (0.5, 1.0),
                                            "train.out": ("runs/cpu_default", "runs/cpu_parts")}
 
 
@@ -103,6 +104,7 @@ BAD_VALUES = {
     "train.out=": r"train\.out is empty",
     "train.reset_every=0": r"train\.reset_every=0: must be >= 1",
     "model.bottleneck_pool=0": r"model\.bottleneck_pool=0: must be in \[1, 8\]",
+    "train.pool_max_spread=1.5": r"train\.pool_max_spread=1\.5: must be in \[0, 1\]",
     "train.seed=-1": r"train\.seed=-1: must be in \[0, 2147483648\)",
     "train.iters=[": r"train\.iters: expected an integer, got '\['",
     "eval.sigma=-1": r"eval\.sigma=-1\.0: must be in \[0, 64\]",
