@@ -240,3 +240,39 @@ def test_the_spread_script_says_which_code_the_recipe_chooses_per_category(synth
     assert disc["position_spread"] < disc["limit"] == 0.5 < grain["position_spread"]
     assert (disc["bottleneck_pool"], grain["bottleneck_pool"]) == (2, 1)
     assert disc["images"] == 12 and disc["cpu_seconds"] > 0
+    with one_thread():  # the same disc images in any pose (turned up to +-180 degrees, shifted up to +-20 %)
+        moved = spread.spread_row("experiments/cpu_default.yaml", synthetic_root, "disc", 64, ["data.val_fraction=0"],
+                                  jitter=(180.0, 0.2))
+    assert moved["position_spread"] > disc["position_spread"] + 0.1
+
+
+def test_the_pose_study_moves_each_image_and_its_mask_together(synthetic_root, tmp_path):
+    """benchmarks/pose_study.py: no pose copies the category's pixels; a pose moves image and mask alike."""
+    import numpy as np
+    from PIL import Image
+
+    pose_study = _script("pose_study")
+    src = synthetic_root / "board"
+    still = pose_study.write_posed(src, tmp_path / "still", 0, 0)
+    turned = pose_study.write_posed(src, tmp_path / "turned", 90, 0)  # +-90 degrees: some turn a lot
+    files = sorted(p.relative_to(src) for p in src.rglob("*.png"))
+    assert files == sorted(p.relative_to(still) for p in still.rglob("*.png"))
+    read = lambda root, f: np.array(Image.open(root / f))  # noqa: E731
+    assert all((read(src, f) == read(still, f)).all() for f in files)
+    masks = [f for f in files if f.parts[0] == "ground_truth"]
+    assert masks and all(set(np.unique(read(turned, f))) <= {0, 255} for f in masks)
+    assert sum((read(src, f) != read(turned, f)).any() for f in masks) >= len(masks) // 2
+    assert any((read(src, f) != read(turned, f)).any() for f in files if f.parts[:2] == ("train", "good"))
+
+    # a mask follows its own image: a white square on black, its mask the square
+    square = np.zeros((48, 48, 3), np.uint8)
+    square[8:20, 26:40] = 255
+    for folder, name, pixels in (("train/good", "000.png", square), ("test/dent", "000.png", square),
+                                 ("ground_truth/dent", "000_mask.png", square[..., 0])):
+        (tmp_path / "toy" / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "toy" / folder / name)
+    for seed in range(3):
+        posed = pose_study.write_posed(tmp_path / "toy", tmp_path / f"toy{seed}", 60, 0.1, seed=seed)
+        image = read(posed, "test/dent/000.png")[..., 0].astype(float)
+        mask = read(posed, "ground_truth/dent/000_mask.png") > 0
+        assert image[mask].mean() > 200 and image[~mask].mean() < 30
