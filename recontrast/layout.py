@@ -72,14 +72,16 @@ def choose_bottleneck_pool(cfg: Config, train_set) -> tuple[Config, float | None
     spread = position_spread(model, train_set, cfg.eval.batch_size, device)
     del model
     chosen = cfg if spread <= cfg.train.pool_max_spread else fine_config(cfg)
-    log.info(verdict(spread, cfg.train.pool_max_spread, chosen.model.bottleneck_pool))
+    log.info(verdict(spread, cfg))
     return chosen, spread
 
 
-def verdict(spread: float, limit: float, pool: int) -> str:
-    """Returns the sentence that says which code the position spread chose (logs, CLI, notebook 02)."""
+def verdict(spread: float, cfg: Config) -> str:
+    """Returns the sentence that says which code the position spread chose for cfg (the config as
+    asked, before the choice): logs, CLI, notebook 02. A later train.pool_fallback says its own."""
+    limit = cfg.train.pool_max_spread
     if spread <= limit:
         return (f"position spread {spread:.3f} <= train.pool_max_spread {limit:g}: the training images share "
-                f"a layout, model.bottleneck_pool={pool}")
+                f"a layout, model.bottleneck_pool={cfg.model.bottleneck_pool}")
     return (f"position spread {spread:.3f} > train.pool_max_spread {limit:g}: no layout shared by the "
-            f"training images (a texture, or a pose that varies), model.bottleneck_pool={pool}")
+            f"training images (a texture, or a pose that varies), model.bottleneck_pool=1")

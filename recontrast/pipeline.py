@@ -428,7 +428,7 @@ def main_train(
               if result.selected_iteration is not None else "")
     print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations{chosen}{run}{note})")
     if result.position_spread is not None:
-        print(layout_verdict(result.position_spread, cfg.train.pool_max_spread, result.model.bottleneck.pool))
+        print(layout_verdict(result.position_spread, cfg))
     if result.health is not None and result.health.status == NOT_CONVERGED:
         print(f"WARNING: {result.health.message}")
     return result
