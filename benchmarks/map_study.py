@@ -4,8 +4,10 @@ For each category folder under --runs (what `benchmarks/run.py --sections catego
 <out>/recontrast/<category>/last.ckpt), the network runs once over the test set; its
 (target, prediction) pairs are kept and every map setting below is scored from them by the
 project's own `evaluate` (anomaly_map, image_score, PixelMetrics): level weights, Gaussian
-sigma, image score, how the pairs combine. The paper's setting reproduces `recontrast
-evaluate` exactly: its row is printed beside the metrics.json of the category's evaluation.
+sigma, image score, how the pairs combine. The paper's setting (the model's own map, the image
+score its maximum) reproduces `recontrast evaluate` exactly where the model was evaluated so;
+`score_product` does where it was evaluated with eval.score_combine=product (the CPU recipes):
+the category's own evaluation (metrics.json) is printed beside it.
 
     python benchmarks/map_study.py --runs bench_out/cat3/recontrast --out bench_out/maps
 
@@ -34,7 +36,6 @@ from recontrast.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1max")
-IMAGE_KEYS = ("image_auroc",)
 # One change at a time from the model's own map (the paper's: levels 1/1/1, sigma 4, max, sum).
 # combine=mean is sum divided by a constant: the same ranking, not worth a row.
 SETTINGS = {
@@ -52,9 +53,9 @@ SETTINGS = {
     "topk_1pct": {"score": "topk_mean", "topk": 0.01},
     "topk_0.1pct": {"score": "topk_mean", "topk": 0.001},
     "product": {"combine": "product"},
+    # The image score alone from the product (eval.score_combine), the map the paper's sum.
+    "score_product": {"score_combine": "product"},
 }
-# Image metrics of one setting with the pixel metrics of another: (image from, pixels from).
-MIXED = {"score_product_map_sum": ("product", "paper")}
 
 
 class CachedPairs(nn.Module):
@@ -87,13 +88,12 @@ def study_category(folder: Path, threads: int) -> dict:
     cached = CachedPairs(network_pairs(model, test, cfg.eval.batch_size))
     rows = {}
     for name, change in SETTINGS.items():
-        eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False, **change)
+        # Every setting but score_product scores images with the map's own maximum (the paper's).
+        eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False, score_combine="map", **change)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*need both.*")
             metrics = evaluate(cached, test, eval_cfg, torch.device("cpu")).metrics
         rows[name] = {k: 100 * float(metrics[k]) for k in METRICS}
-    for name, (image, pixel) in MIXED.items():
-        rows[name] = {k: rows[image if k in IMAGE_KEYS else pixel][k] for k in METRICS}
     evaluated = folder / "eval" / "metrics.json"
     reference = json.loads(evaluated.read_text()) if evaluated.is_file() else {}
     return {"rows": rows, "cpu_s": time.process_time() - t0, "encoder_bn": cfg.model.encoder_bn,
@@ -108,7 +108,7 @@ def tables(results: dict) -> str:
         lines += ["", f"### {metric} (mean over {', '.join(masked)})", "",
                   "| setting | " + " | ".join(cats) + " | mean | mean - paper |", "|---" * (len(cats) + 3) + "|"]
         paper_mean = np.mean([results[c]["rows"]["paper"][metric] for c in masked])
-        for name in [*SETTINGS, *MIXED]:
+        for name in SETTINGS:
             values = [results[c]["rows"][name][metric] for c in cats]
             mean = np.mean([results[c]["rows"][name][metric] for c in masked])
             lines.append(f"| {name} | " + " | ".join("n/a" if np.isnan(v) else f"{v:.2f}" for v in values)

@@ -89,6 +89,23 @@ def maps_for(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int]
     return anomaly_map(pairs, size, eval_cfg.combine, eval_cfg.sigma, eval_cfg.level_weights)
 
 
+def separate_score(eval_cfg: EvalConfig) -> bool:
+    """Returns whether the image score comes from another map than the anomaly map (eval.score_combine)."""
+    return eval_cfg.score_combine not in ("map", eval_cfg.combine)
+
+
+def maps_and_scores(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int],
+                    eval_cfg: EvalConfig) -> tuple[Tensor, Tensor]:
+    """Returns the (B, 1, H, W) anomaly maps of `pairs` (maps_for) and their (B,) image scores:
+    the maps' maximum (or top-k mean) or, with eval.score_combine naming another combine, that
+    of the pairs' map of that combine (same sigma and level weights)."""
+    maps = maps_for(pairs, size, eval_cfg)
+    scored = maps
+    if separate_score(eval_cfg):
+        scored = anomaly_map(pairs, size, eval_cfg.score_combine, eval_cfg.sigma, eval_cfg.level_weights)
+    return maps, image_score(scored, eval_cfg.score, eval_cfg.topk)
+
+
 def smooth(maps: Tensor, sigma: float) -> Tensor:
     """Returns (B, 1, H, W) maps blurred by a Gaussian of std `sigma` (0: unchanged)."""
     if sigma <= 0:

@@ -174,6 +174,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     combine: Literal["sum", "mean", "product"] = "sum"  # over the (target, prediction) pairs
+    # What the image score is the maximum (or top-k mean) of: "map", the anomaly map itself (the
+    # paper's); or a second map of the same pairs combined another way, for the score alone (the
+    # map, the pixel metrics and what is shown stay the map's, which then has its own display
+    # threshold: calibration.display_scales). "product" ranks images better on the dev categories
+    # (docs/recipe.md, "The image score from the product of the pairs").
+    score_combine: Literal["map", "sum", "mean", "product"] = "map"
     sigma: float = 4.0
     # Weight of each encoder level's pairs in the map (shallow to deep, both heads alike).
     # The paper sums all levels alike (1, 1, 1). With EfficientNet-Lite0, level 3 (112 ch at

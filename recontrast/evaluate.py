@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recontrast.anomaly_map import image_score, maps_for
-from recontrast.calibration import calibrate, midpoint_below, pick_threshold, threshold_scale
+from recontrast.anomaly_map import maps_and_scores, separate_score
+from recontrast.calibration import calibrate, display_scales, midpoint_below, pick_threshold, threshold_scale
 from recontrast.config import EvalConfig
 from recontrast.defects import KINDS
 from recontrast.images import denormalize
@@ -82,21 +82,22 @@ def iterate_maps(model: nn.Module, dataset, eval_cfg: EvalConfig, device: torch.
     with torch.inference_mode(), progress_bar(len(dataset), "evaluate", "img", leave=False) as bar:
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
-            maps = maps_for(pairs_of(x), x.shape[-2:], eval_cfg)
-            yield batch, maps, image_score(maps, eval_cfg.score, eval_cfg.topk)
+            maps, scores = maps_and_scores(pairs_of(x), x.shape[-2:], eval_cfg)
+            yield batch, maps, scores
             bar.update(len(x))
 
 
 def score_dataset(model: nn.Module, dataset, eval_cfg: EvalConfig,
-                  device=None) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (image scores, per-image mean map value), each (N,) float64."""
-    scores, means = [], []
+                  device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (image scores, per-image mean map value, per-image largest map value), each (N,) float64."""
+    scores, means, maxima = [], [], []
     for _, maps, s in iterate_maps(model, dataset, eval_cfg, device):
         scores.append(s.double().cpu())
         means.append(maps.double().mean(dim=(1, 2, 3)).cpu())
+        maxima.append(maps.double().amax(dim=(1, 2, 3)).cpu())
     if not scores:
-        return np.zeros(0), np.zeros(0)
-    return torch.cat(scores).numpy(), torch.cat(means).numpy()
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return tuple(torch.cat(v).numpy() for v in (scores, means, maxima))
 
 
 class FigureSamples:
@@ -161,6 +162,7 @@ def evaluate(
 
     records: list[dict[str, Any]] = []
     map_means: list[float] = []
+    map_maxima: list[float] = []
     image_size = 0
     for batch, maps, scores in iterate_maps(model, dataset, eval_cfg, device):
         image_size = maps.shape[-1]
@@ -168,6 +170,7 @@ def evaluate(
         if pixel is not None:
             pixel.update(maps, masks)
         means = maps.mean(dim=(1, 2, 3)).double().cpu().tolist()
+        maxima = maps.amax(dim=(1, 2, 3)).double().cpu().tolist()
         for j, score in enumerate(scores.double().cpu().tolist()):
             rec = {"path": str(batch["path"][j]), "defect_type": str(batch["defect_type"][j]),
                    "label": int(batch["label"][j]), "score": score}
@@ -177,6 +180,7 @@ def evaluate(
                             rec["defect_type"], rec["path"])
             records.append(rec)
             map_means.append(means[j])
+            map_maxima.append(maxima[j])
     if not records:
         raise ValueError("the test dataset is empty: nothing to evaluate")
 
@@ -192,18 +196,18 @@ def evaluate(
         notes.append(NO_MASKS)
 
     if val_dataset is not None and len(val_dataset) > 0:
-        normal_scores, normal_means = score_dataset(model, val_dataset, eval_cfg, device)
+        normal_scores, normal_means, normal_maxima = score_dataset(model, val_dataset, eval_cfg, device)
         source = "val"
     else:
         good = labels == 0
-        normal_scores, normal_means = scores[good], np.asarray(map_means)[good]
+        normal_scores, normal_means, normal_maxima = scores[good], np.asarray(map_means)[good], np.asarray(map_maxima)[good]
         source = "test_good"
         # Said once per `recontrast evaluate`, not at every evaluation during training.
         (log.warning if keep_samples else log.debug)(
             "no held-out good images (data.val_fraction=0?): threshold_normal comes from the "
             "test set's good images, which makes it optimistic")
     threshold_f1 = midpoint_below(metrics.pop("image_f1_threshold"), scores)
-    calibration = calibrate(threshold_f1, normal_scores, normal_means, eval_cfg, source, image_size)
+    calibration = calibrate(threshold_f1, normal_scores, normal_means, eval_cfg, source, image_size, normal_maxima)
     if calibration["threshold_normal"] is not None and len(set(labels.tolist())) == 2:
         pred = scores > calibration["threshold_normal"]
         tp = float((pred & (labels == 1)).sum())
@@ -214,9 +218,11 @@ def evaluate(
     except ValueError:  # e.g. a test set of one class and no held-out good images:
         # the figures still need one fixed scale; the records say "not calibrated".
         name, threshold, calibrated = "uncalibrated (max score)", float(np.max(scores)), False
+        if separate_score(eval_cfg) and calibration.get("map_threshold") is None:  # no good image at all
+            calibration["map_threshold"] = float(np.max(map_maxima))
+    (_, score_offset), _ = display_scales(calibration, threshold)
     for r in records:
-        r["score_normalised"] = (threshold_scale(r["score"], threshold, calibration["map_offset"])
-                                 if calibrated else math.nan)
+        r["score_normalised"] = threshold_scale(r["score"], threshold, score_offset) if calibrated else math.nan
         r["anomalous"] = int(r["score"] > threshold) if calibrated else -1
 
     return EvalResult(metrics=metrics, records=records, calibration=calibration,

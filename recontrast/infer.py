@@ -31,8 +31,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from recontrast import plots, runtimes
-from recontrast.anomaly_map import image_score, maps_for, max_map_value
-from recontrast.calibration import is_calibrated, pick_threshold, threshold_scale
+from recontrast.anomaly_map import maps_and_scores, max_map_value
+from recontrast.calibration import display_scales, is_calibrated, pick_threshold, threshold_scale
 from recontrast.checkpoint import load_checkpoint
 from recontrast.config import ONNX, TORCH, DataConfig, EvalConfig, from_dict
 from recontrast.data import BTADDataset, FolderDataset, MVTecDataset, VisADataset
@@ -47,7 +47,15 @@ UNCALIBRATED = ("the checkpoint holds no calibration: run `recontrast evaluate -
 
 # What changes a raw score besides the weights: a threshold applies only to scores computed
 # with the settings it was calibrated with (calibration["eval"] and calibration["image_size"]).
-SCORE_SETTINGS = ("combine", "sigma", "level_weights", "score", "topk")
+SCORE_SETTINGS = ("combine", "score_combine", "sigma", "level_weights", "score", "topk")
+# Settings a calibration made before they existed does not record, with the value it was made with.
+SCORE_DEFAULTS = {"score_combine": "map"}
+
+
+def stored_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """Returns the scoring settings a calibration or an exported model records, SCORE_DEFAULTS
+    filling in those made before they existed."""
+    return {**SCORE_DEFAULTS, **(stored or {})}
 
 
 class UnreadableImageWarning(UserWarning):
@@ -70,7 +78,7 @@ def calibrated_settings(calibration: dict[str, Any], eval_cfg: EvalConfig, sourc
     Raises CalibrationMismatch when the calibration does not record all of them (one made
     before they were stored): its thresholds cannot be trusted, so nothing is decided.
     """
-    stored = calibration.get("eval") or {}
+    stored = stored_settings(calibration.get("eval"))
     missing = [f"eval.{k}" for k in SCORE_SETTINGS if k not in stored]
     missing += [] if calibration.get("image_size") else ["data.image_size"]
     if missing:
@@ -234,7 +242,7 @@ class Detector:
     def _check_session(self, session: runtimes.Session, source: str) -> None:
         """Raises StaleModel when the exported model scores at another size or with other
         settings than this detector (its scores would not fit the thresholds)."""
-        stored = json.loads(session.metadata.get("recontrast.eval", "{}"))
+        stored = stored_settings(json.loads(session.metadata.get("recontrast.eval", "{}")))
         differ = [k for k in SCORE_SETTINGS if k not in stored or
                   (tuple(stored[k]) if k == "level_weights" else stored[k]) != getattr(self.eval_cfg, k)]
         if session.image_size != self.image_size:
@@ -269,15 +277,15 @@ class Detector:
         with torch.inference_mode():
             pairs = pairs_of(x.to(self.device))
             self.map_max = max_map_value(len(pairs), e.combine, e.level_weights)
-            maps = maps_for(pairs, x.shape[-2:], e)
-            return maps, image_score(maps, e.score, e.topk)
+            return maps_and_scores(pairs, x.shape[-2:], e)
 
     def _prediction(self, raw_map: Tensor, raw_score: float, path: str | None) -> Prediction:
         m = raw_map.squeeze(0).float().cpu().numpy()  # (1, S, S) -> (S, S)
         if self.threshold is None:
             return Prediction(None, raw_score, None, m, "uncalibrated", None, path)
-        score = max(0.0, threshold_scale(raw_score, self.threshold, self.offset))
-        shown = np.clip(threshold_scale(m, self.threshold, self.offset), 0.0, 1.0).astype(np.float32)
+        (threshold, offset), (map_threshold, map_offset) = display_scales(self.calibration, self.threshold)
+        score = max(0.0, threshold_scale(raw_score, threshold, offset))
+        shown = np.clip(threshold_scale(m, map_threshold, map_offset), 0.0, 1.0).astype(np.float32)
         return Prediction(score, raw_score, raw_score > self.threshold, shown,
                           self.threshold_name, self.threshold, path)
 

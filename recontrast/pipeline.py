@@ -469,6 +469,9 @@ def run_evaluation(
     print(f"thresholds (raw score): f1={fmt(cal['threshold_f1'])} "
           f"normal={fmt(cal['threshold_normal'])} (q={cal['quantile']} of {cal['n_normal']} "
           f"{cal['normal_source']} images); {stored}")
+    if cal.get("map_threshold") is not None:  # eval.score_combine: the score is not the map's maximum
+        print(f"image score: the {cal['eval']['score_combine']} of the pairs; the {cal['eval']['combine']} map "
+              f"is shown on its own threshold {fmt(cal['map_threshold'])} (its maximum, same quantile)")
     print(f"outputs in {out}")
     sys.stdout.flush()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from recontrast import plots
-from recontrast.calibration import threshold_scale
+from recontrast.calibration import display_scales, threshold_scale
 from recontrast.config import EvalConfig
 from recontrast.evaluate import PROXY_KEYS, EvalResult
 
@@ -72,8 +72,8 @@ def write_outputs(result: EvalResult, eval_cfg: EvalConfig, out_dir: str | Path,
     if samples is None:
         return out
     name, threshold = result.scale
-    offset = result.calibration["map_offset"]
-    scale = lambda m: np.clip(threshold_scale(m, threshold, offset), 0.0, 1.0)  # noqa: E731
+    (threshold, offset), (map_threshold, map_offset) = display_scales(result.calibration, threshold)
+    scale = lambda m: np.clip(threshold_scale(m, map_threshold, map_offset), 0.0, 1.0)  # noqa: E731
     scores = [r["score"] for r in result.records]
     labels = [r["label"] for r in result.records]
     types = [r["defect_type"] for r in result.records]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recontrast.anomaly_map import image_score, max_map_value, maps_for
+from recontrast.anomaly_map import maps_and_scores, max_map_value
 from recontrast.config import EXPORT_RUNTIMES, ONNX, OPENVINO, RUNTIMES, TORCH, EvalConfig
 
 # package -> the pyproject extra that installs it
@@ -84,9 +84,7 @@ class InferenceGraph(nn.Module):
             model.precision = "fp32"  # an exported graph is fp32 (or int8): no autocast is traced into it
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        e = self.eval_cfg
-        maps = maps_for(self.model(x), (self.image_size, self.image_size), e)
-        return maps, image_score(maps, e.score, e.topk)
+        return maps_and_scores(self.model(x), (self.image_size, self.image_size), self.eval_cfg)
 
     def map_max(self) -> float:
         """Returns the largest value a map can take (anomaly_map.max_map_value) for the number

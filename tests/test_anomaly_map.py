@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from recontrast.anomaly_map import anomaly_map, image_score, kernel_size_for, max_map_value
+from recontrast.anomaly_map import anomaly_map, image_score, kernel_size_for, maps_and_scores, max_map_value
+from recontrast.config import EvalConfig
 
 
 def _pairs(shapes, seed=0):
@@ -141,3 +142,18 @@ def test_level_weights_config_is_checked():
     for bad in ("[1, -1, 1]", "[0, 0, 0]", "[1, 1]"):
         with pytest.raises(ConfigError, match="level_weights"):
             load_config(None, [f"eval.level_weights={bad}"])
+
+
+@pytest.mark.parametrize("score_combine", ["map", "sum", "product"])
+def test_the_image_score_comes_from_the_map_or_from_the_pairs_combined_another_way(score_combine):
+    """eval.score_combine changes the score alone: the map stays the sum's; a score of the
+    product is the maximum of the product map of the same pairs, not of the sum map."""
+    pairs = _pairs(SHAPES, seed=3)
+    cfg = EvalConfig(score_combine=score_combine, sigma=2.0, level_weights=(1.0, 0.5, 1.0))
+    maps, scores = maps_and_scores(pairs, 64, cfg)
+    summed = anomaly_map(pairs, 64, "sum", 2.0, (1.0, 0.5, 1.0))
+    assert torch.equal(maps, summed)
+    scored = anomaly_map(pairs, 64, "sum" if score_combine == "map" else score_combine, 2.0, (1.0, 0.5, 1.0))
+    assert torch.equal(scores, image_score(scored, "max"))
+    if score_combine == "product":  # another ranking basis, another scale
+        assert not torch.allclose(scores, image_score(summed, "max"))

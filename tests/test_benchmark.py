@@ -143,7 +143,9 @@ def test_map_study_scores_the_models_own_map_as_its_evaluation_did(tiny_model, t
     evaluated = tiny_model.evaluation.metrics
     assert found["rows"]["paper"] == pytest.approx({k: 100 * evaluated[k] for k in study.METRICS})
     assert found["rows"]["levels_001"] != found["rows"]["paper"]
-    assert found["rows"]["score_product_map_sum"]["aupro"] == found["rows"]["paper"]["aupro"]
+    product = found["rows"]["score_product"]  # eval.score_combine: the image score alone changes
+    assert product["aupro"] == found["rows"]["paper"]["aupro"]
+    assert product["image_auroc"] == pytest.approx(found["rows"]["product"]["image_auroc"])
     assert "| paper |" in study.tables({"disc": found})
 
 

@@ -128,7 +128,7 @@ def test_calibration_is_stored_and_checkpoint_loads_with_weights_only(evaluated)
     assert cal["default"] == "normal" and cal["category"] == CATEGORY
     # threshold_normal is the configured quantile of the held-out good images' scores.
     model, cfg, _ = load_model(ckpt)
-    val_scores, _ = E.score_dataset(model, datasets.val, cfg.eval)
+    val_scores, _, _ = E.score_dataset(model, datasets.val, cfg.eval)
     quantile = np.quantile(val_scores, cfg.eval.threshold_quantile)
     assert cal["threshold_normal"] == pytest.approx(quantile, rel=1e-5)
     assert 0.0 <= cal["map_offset"] < min(cal["threshold_f1"], cal["threshold_normal"])

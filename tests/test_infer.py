@@ -17,8 +17,12 @@ from PIL import Image
 from conftest import run_cli
 from recontrast import export, infer, runtimes
 from recontrast.checkpoint import load_checkpoint, save_checkpoint
+from recontrast.config import EvalConfig
 from recontrast.model import load_model
+from recontrast.anomaly_map import anomaly_map
 from recontrast.calibration import threshold_scale
+from recontrast.evaluate import score_dataset
+from recontrast.pipeline import run_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +162,76 @@ def test_onnx_export_matches_pytorch(calibrated, tmp_path):
     assert '"threshold_normal"' in meta["recontrast.calibration"] and meta["recontrast.image_size"] == "64"
     with pytest.raises(ValueError, match="multiple of 32"):
         export.export(ckpt, out=tmp_path / "bad.onnx", image_size=50)
+
+
+@pytest.fixture(scope="module")
+def product_scored(calibrated, tmp_path_factory):
+    """Returns (checkpoint, EvalResult) of a copy of the tiny model evaluated with
+    eval.score_combine=product (calibrated with it)."""
+    ckpt = _copy_checkpoint(calibrated[0], tmp_path_factory.mktemp("product"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_evaluation(ckpt, out=ckpt.parent / "eval", overrides={"eval.score_combine": "product"}, track=False)
+    return ckpt, result
+
+
+def test_a_product_image_score_keeps_the_map_and_gives_it_its_own_threshold(calibrated, product_scored, tiny_model):
+    """eval.score_combine=product: the pixel metrics are the map's (the sum), the image scores
+    the product map's maxima; the map is shown on its own threshold (the same quantile of the
+    held-out good images' map maxima), the score on the image threshold, each reading 0.5 there."""
+    _, default, test = calibrated
+    ckpt, result = product_scored
+    for key in ("pixel_auroc", "aupro", "pixel_f1max"):
+        assert result.metrics[key] == pytest.approx(default.metrics[key], rel=1e-5)  # the same maps
+    model, cfg, _ = load_model(ckpt)
+    cal = load_checkpoint(ckpt)["calibration"]
+    assert cal["eval"]["score_combine"] == "product"  # the calibration keeps what it was made with
+    eval_cfg, _ = infer.calibrated_settings(cal, cfg.eval, str(ckpt))
+    x = torch.stack([test[i]["image"] for i in range(len(test))])
+    pairs = model.anomaly_pairs(x)
+    product = anomaly_map(pairs, 64, "product", eval_cfg.sigma, eval_cfg.level_weights).amax(dim=(1, 2, 3))
+    np.testing.assert_allclose([r["score"] for r in result.records], product.double().numpy(), rtol=1e-5)
+    assert not np.allclose([r["score"] for r in result.records], [r["score"] for r in default.records])
+
+    val_scores, _, val_maxima = score_dataset(model, tiny_model.datasets.val, eval_cfg)
+    q = eval_cfg.threshold_quantile
+    assert cal["threshold_normal"] == pytest.approx(np.quantile(val_scores, q), rel=1e-5)
+    assert cal["map_threshold"] == pytest.approx(np.quantile(val_maxima, q), rel=1e-5)
+    assert 0.0 <= cal["map_offset"] < cal["map_threshold"]
+    for r in result.records:
+        assert (r["score_normalised"] > 0.5) == bool(r["anomalous"]) == (r["score"] > cal["threshold_normal"])
+
+    det = infer.Detector.load(ckpt)
+    assert det.eval_cfg.score_combine == "product"
+    preds = det.predict_batch([str(s.path) for s in test.samples])
+    raw_maps, _ = det.raw(x)
+    for pr, r, raw in zip(preds, result.records, raw_maps):
+        assert pr.raw_score == pytest.approx(r["score"], rel=1e-5)
+        assert (pr.score > 0.5) == pr.is_anomalous == (pr.raw_score > det.threshold)
+        assert pr.score == pytest.approx(max(0.0, threshold_scale(pr.raw_score, det.threshold, 0.0)))
+        shown = np.clip(threshold_scale(raw[0].numpy(), cal["map_threshold"], cal["map_offset"]), 0, 1)
+        np.testing.assert_allclose(pr.anomaly_map, shown, atol=1e-5)
+
+
+def test_a_calibration_made_before_score_combine_scores_from_the_map(calibrated):
+    """A calibration that does not record eval.score_combine was made when the score was the
+    map's maximum: it still applies, scoring so."""
+    cal = dict(load_checkpoint(calibrated[0])["calibration"])
+    cal["eval"] = {k: v for k, v in cal["eval"].items() if k != "score_combine"}
+    settings, _ = infer.calibrated_settings(cal, EvalConfig(score_combine="product"), "old.ckpt")
+    assert settings.score_combine == "map"
+
+
+@pytest.mark.slow
+def test_an_exported_model_scores_with_the_product_as_pytorch_does(product_scored, calibrated, tmp_path):
+    ckpt = _copy_checkpoint(product_scored[0], tmp_path / "run")
+    paths = [str(s.path) for s in calibrated[2].samples]
+    want = infer.Detector.load(ckpt).predict_batch(paths)
+    got = infer.Detector.load(ckpt, runtime="onnx", threads=1).predict_batch(paths)
+    np.testing.assert_allclose([p.raw_score for p in got], [p.raw_score for p in want], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.stack([p.anomaly_map for p in got]), np.stack([p.anomaly_map for p in want]),
+                               rtol=0, atol=1e-4)
+    assert [p.is_anomalous for p in got] == [p.is_anomalous for p in want]
 
 
 # int8 tolerance on raw scores (tests/test_runtimes.py measures the model-level error; these
