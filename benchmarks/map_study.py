@@ -89,7 +89,8 @@ def study_category(folder: Path, threads: int) -> dict:
     rows = {}
     for name, change in SETTINGS.items():
         # Every setting but score_product scores images with the map's own maximum (the paper's).
-        eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False, score_combine="map", **change)
+        eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False,
+                                       **({"score_combine": "map"} | change))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*need both.*")
             metrics = evaluate(cached, test, eval_cfg, torch.device("cpu")).metrics
