@@ -156,6 +156,50 @@ def correlation(rows: list[dict]) -> dict:
     return out
 
 
+def correlation_figure(found: dict, path: Path, title: str = "") -> Path:
+    """Returns `path` after drawing what `correlation` found: proxy/score (x) against each real
+    metric (y), one panel each, every (category, model, map) a point; a colour per category, a
+    large dot for a model at its recipe's map and a small one per map variant, a red ring round a
+    model the health check did not pass; Spearman's rho in each panel's title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    pts = found["points"]
+    cats = list(dict.fromkeys(p["category"] for p in pts))
+    colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cats)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, real in zip(axes, ("aupro", "image_auroc")):
+        for p in pts:
+            if not (math.isfinite(p["proxy"]) and math.isfinite(p[real])):
+                continue
+            at_recipe = p["map"] == "recipe"
+            x, y = 100 * p["proxy"], 100 * p[real]
+            ax.scatter(x, y, s=70 if at_recipe else 22, color=colours[p["category"]], alpha=1.0 if at_recipe else 0.6,
+                       zorder=3 if at_recipe else 2)
+            if at_recipe and p.get("health") not in (None, "ok"):
+                ax.scatter(x, y, s=190, facecolors="none", edgecolors="red", linewidths=1.5, zorder=4)
+        rho = found.get(f"proxy/score ~ {real}", math.nan)
+        ax.set_title(f"{real} vs proxy/score: Spearman {rho:.2f} over {found.get(f'n ~ {real}', 0)} points")
+        ax.set_xlabel("proxy/score (synthetic defects on held-out normal images), %")
+        ax.set_ylabel(f"real {real} (test set), %")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], marker="o", ls="", color=colours[c], label=c) for c in cats]
+    handles += [Line2D([], [], marker="o", ls="", color="grey", markersize=9, label="a model, its recipe's map"),
+                Line2D([], [], marker="o", ls="", color="grey", markersize=4, label="the same model, another map"),
+                Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="red", markersize=11,
+                       label="health check: not ok")]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.suptitle(title or "Does the label-free proxy rank models as the test set does?")
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def peer(method: str, root: Path, category: str, threads: int) -> dict:
     """Returns the peer's row with the CPU seconds of its fit and prediction."""
     t0 = time.process_time()
@@ -257,12 +301,20 @@ def main() -> None:
     parser.add_argument("--correlation", action="store_true",
                         help="no training: evaluate the map variants a trained model lacks, and every model's proxy "
                              "metrics with today's proxy set, ranked against the real metrics")
+    parser.add_argument("--correlation-figure", default="",
+                        help="no training: redraw <out>/correlation.png from this correlation.json, or from the "
+                             "correlation across categories of a benchmarks/run.py results.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "rows.json"
     rows: list[dict] = json.loads(saved.read_text()) if saved.is_file() else []
+    if args.correlation_figure:
+        found = json.loads(Path(args.correlation_figure).read_text())
+        found = found.get("correlation", {}).get("across", found)  # a run.py results.json holds it there
+        print(f"wrote {correlation_figure(found, out / 'correlation.png')}")
+        return
     if args.report_only:
         for category in dict.fromkeys(r["category"] for r in rows):
             figure(rows, category, Path(args.figures) / f"compute_{category}.png")
@@ -280,6 +332,7 @@ def main() -> None:
                 saved.write_text(json.dumps(rows, indent=1, default=str))
         found = correlation(rows)
         (out / "correlation.json").write_text(json.dumps(found, indent=1))
+        correlation_figure(found, out / "correlation.png")
         print(json.dumps({k: v for k, v in found.items() if k != "points"}, indent=1))
         return
     roots = categories.category_roots(out)

@@ -450,6 +450,9 @@ def run_correlation(args, out: Path, results: dict) -> dict:
     summary = categories.rank_correlation(points)
     print(f"[bench] correlation ({category}): {json.dumps(summary)}", flush=True)
     across = across_categories(args, out, results)
+    import compute_study
+
+    across["figure"] = str(compute_study.correlation_figure(across, out / "correlation.png"))
     print(f"[bench] correlation (across): {json.dumps({k: v for k, v in across.items() if k != 'points'})}", flush=True)
     return {"category": category, "recipe": args.recipe, **summary, "points": points, "across": across}
 
@@ -471,6 +474,8 @@ def across_markdown(across: dict) -> list[str]:
         rho = across[f"proxy/score ~ {real}"]
         lines.append(f"- proxy/score ~ {real}: {rho:.3f} over {across[f'n ~ {real}']} "
                      f"({'met' if rho >= ACROSS_TARGET else 'NOT met'})")
+    if across.get("figure"):
+        lines.append(f"- figure: {across['figure']}")
     lines += ["", "| category | model | health | proxy/score | I-AUROC | AUPRO |", "|---|---|---|---|---|---|"]
     for p in across["points"]:
         if p["map"] == "recipe":

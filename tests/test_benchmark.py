@@ -100,6 +100,36 @@ def test_compute_study_points_put_map_variants_at_their_models_cost():
     assert "| bar | default+levels110 | 10.0 | n/a | 95.00 |" in study.markdown([row, peer])
 
 
+def test_correlation_figure_draws_what_the_correlation_found_and_redraws_from_a_results_file(tmp_path):
+    """compute_study.correlation over rows of two categories (one model flagged, one map variant
+    without a metric): rho as scipy computes it, and a figure drawn from it, again from a saved
+    run.py results.json by --correlation-figure."""
+    import subprocess
+    import sys
+
+    from scipy.stats import spearmanr
+
+    study = _script("compute_study")
+    rows = [{"category": c, "setting": "recipe", "health": h,
+             "metrics": {"aupro": a, "image_auroc": i},
+             "maps": {"sigma2": {"aupro": a - 0.05, "image_auroc": float("nan")}},
+             "proxy": {"recipe": {"proxy/score": p}, "sigma2": {"proxy/score": p - 0.01}}}
+            for c, h, a, i, p in (("bar", "not_converged", 0.6, 0.7, 0.95), ("disc", "ok", 0.99, 1.0, 0.99),
+                                  ("weave", "ok", 0.9, 0.95, 0.97))]
+    found = study.correlation(rows)
+    proxies = [0.95, 0.94, 0.99, 0.98, 0.97, 0.96]
+    assert found["proxy/score ~ aupro"] == pytest.approx(spearmanr(proxies, [0.6, 0.55, 0.99, 0.94, 0.9, 0.85]).statistic)
+    assert found["n ~ aupro"] == 6 and found["n ~ image_auroc"] == 3  # a NaN metric is no point
+    path = study.correlation_figure(found, tmp_path / "a" / "correlation.png")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"correlation": {"across": found}}))
+    done = subprocess.run([sys.executable, str(RUN.with_name("compute_study.py")), "--out", str(tmp_path / "b"),
+                           "--correlation-figure", str(results)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "b" / "correlation.png").stat().st_size > 10_000
+
+
 def test_throughput_rows_count_the_recipes_proxy_evaluations_and_compare_with_the_issues_recipe():
     bench = _bench()
     assert bench.THROUGHPUT["issue"] == (["model.freeze_stem=false", "train.depthwise_fp32=false", "model.bottleneck_pool=1",
