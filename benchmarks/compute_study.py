@@ -156,7 +156,7 @@ def correlation(rows: list[dict]) -> dict:
     return out
 
 
-def correlation_figure(found: dict, path: Path, title: str = "") -> Path:
+def correlation_figure(found: dict, path: Path) -> Path:
     """Returns `path` after drawing what `correlation` found: proxy/score (x) against each real
     metric (y), one panel each, every (category, model, map) a point; a colour per category, a
     large dot for a model at its recipe's map and a small one per map variant, a red ring round a
@@ -192,7 +192,7 @@ def correlation_figure(found: dict, path: Path, title: str = "") -> Path:
                 Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="red", markersize=11,
                        label="health check: not ok")]
     fig.legend(handles=handles, loc="center right", fontsize=8)
-    fig.suptitle(title or "Does the label-free proxy rank models as the test set does?")
+    fig.suptitle("Does the label-free proxy rank models as the test set does?")
     fig.tight_layout(rect=(0, 0, 0.83, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

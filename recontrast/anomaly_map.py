@@ -46,22 +46,34 @@ def anomaly_map(
     (or all ones) is the paper's map. Sum and mean weight each distance map, product raises
     it to the weight's power; mean divides by the sum of the weights.
     """
-    if combine not in COMBINES:
+    if combine not in COMBINES:  # before any work: a bad option is said at once
         raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
+    return _map(_distances(pairs, size), combine, sigma, pair_weights(len(pairs), level_weights))
+
+
+def _distances(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int]) -> list[Tensor]:
+    """Returns each pair's (B, 1, H, W) float32 map of 1 - cosine along channels, upsampled to `size`."""
     if not pairs:
         raise ValueError("anomaly_map needs at least one (target, prediction) pair")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    weights = pair_weights(len(pairs), level_weights)
-
-    total: Tensor | None = None
-    for (target, prediction), weight in zip(pairs, weights):
+    dists = []
+    for target, prediction in pairs:
         # (B, C, h, w) x2 -> (B, 1, h, w); clamp: float error can make cos exceed 1 slightly.
         dist = 1.0 - F.cosine_similarity(target.float(), prediction.float(), dim=1)
         dist = rearrange(dist.clamp_min(0.0), "b h w -> b 1 h w")
         # align_corners=True as in the ReContrast / RD4AD reference code.
-        dist = F.interpolate(dist, size=hw, mode="bilinear", align_corners=True)
+        dists.append(F.interpolate(dist, size=hw, mode="bilinear", align_corners=True))
+    return dists
+
+
+def _map(dists: list[Tensor], combine: str, sigma: float, weights: list[float]) -> Tensor:
+    """Returns the smoothed map of the pairs' distance maps, weighted and combined as `combine` says."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    total: Tensor | None = None
+    for dist, weight in zip(dists, weights):
         if weight != 1.0:
             dist = dist.pow(weight) if combine == "product" else dist * weight
         if total is None:
@@ -94,15 +106,19 @@ def separate_score(eval_cfg: EvalConfig) -> bool:
     return eval_cfg.score_combine not in ("map", eval_cfg.combine)
 
 
+@torch.no_grad()
 def maps_and_scores(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int],
                     eval_cfg: EvalConfig) -> tuple[Tensor, Tensor]:
     """Returns the (B, 1, H, W) anomaly maps of `pairs` (maps_for) and their (B,) image scores:
     the maps' maximum (or top-k mean) or, with eval.score_combine naming another combine, that
     of the pairs' map of that combine (same sigma and level weights)."""
-    maps = maps_for(pairs, size, eval_cfg)
-    scored = maps
-    if separate_score(eval_cfg):
-        scored = anomaly_map(pairs, size, eval_cfg.score_combine, eval_cfg.sigma, eval_cfg.level_weights)
+    if not separate_score(eval_cfg):
+        maps = maps_for(pairs, size, eval_cfg)
+        return maps, image_score(maps, eval_cfg.score, eval_cfg.topk)
+    dists = _distances(pairs, size)  # once, for both maps
+    weights = pair_weights(len(pairs), eval_cfg.level_weights)
+    maps = _map(dists, eval_cfg.combine, eval_cfg.sigma, weights)
+    scored = _map(dists, eval_cfg.score_combine, eval_cfg.sigma, weights)
     return maps, image_score(scored, eval_cfg.score, eval_cfg.topk)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from recontrast.anomaly_map import maps_and_scores, separate_score
@@ -87,14 +87,21 @@ def iterate_maps(model: nn.Module, dataset, eval_cfg: EvalConfig, device: torch.
             bar.update(len(x))
 
 
+def map_summaries(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns each (B, 1, H, W) map's mean and largest value, (B,) float64 on the CPU (calibration reads both)."""
+    maps = maps.double()
+    return maps.mean(dim=(1, 2, 3)).cpu(), maps.amax(dim=(1, 2, 3)).cpu()
+
+
 def score_dataset(model: nn.Module, dataset, eval_cfg: EvalConfig,
                   device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (image scores, per-image mean map value, per-image largest map value), each (N,) float64."""
     scores, means, maxima = [], [], []
     for _, maps, s in iterate_maps(model, dataset, eval_cfg, device):
+        mean, largest = map_summaries(maps)
         scores.append(s.double().cpu())
-        means.append(maps.double().mean(dim=(1, 2, 3)).cpu())
-        maxima.append(maps.double().amax(dim=(1, 2, 3)).cpu())
+        means.append(mean)
+        maxima.append(largest)
     if not scores:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     return tuple(torch.cat(v).numpy() for v in (scores, means, maxima))
@@ -169,8 +176,7 @@ def evaluate(
         masks = batch["mask"] if has_masks else None
         if pixel is not None:
             pixel.update(maps, masks)
-        means = maps.mean(dim=(1, 2, 3)).double().cpu().tolist()
-        maxima = maps.amax(dim=(1, 2, 3)).double().cpu().tolist()
+        means, maxima = (v.tolist() for v in map_summaries(maps))
         for j, score in enumerate(scores.double().cpu().tolist()):
             rec = {"path": str(batch["path"][j]), "defect_type": str(batch["defect_type"][j]),
                    "label": int(batch["label"][j]), "score": score}
