@@ -62,8 +62,9 @@ def training_state(cfg, model, optimizers, scaler, iteration: int, loss_history)
 
 
 def restore_training_state(ckpt: dict[str, Any], model, optimizers, scaler) -> None:
-    """Loads model, optimizer, grad-scaler and RNG states from `ckpt` (resume)."""
-    model.load_state_dict(ckpt["model"])
+    """Loads model, optimizer, grad-scaler and RNG states from `ckpt` (resume): the live weights,
+    where a finished run with train.ema keeps its average as "model" and them as "live_model"."""
+    model.load_state_dict(ckpt.get("live_model") or ckpt["model"])
     if len(optimizers) != len(ckpt["optimizers"]):
         raise CheckpointError(f"the checkpoint holds {len(ckpt['optimizers'])} optimizer state(s) "
                               f"but this config trains with {len(optimizers)} (model.domain_adaptation changed?)")

@@ -165,6 +165,15 @@ class TrainConfig:
     # "proxy" (the evaluation with the best proxy/score, every eval_every iterations; no
     # test label is used). best.ckpt holds them; last.ckpt stays the resume point.
     select: Literal["last", "proxy"] = "last"
+    # The weights a run keeps: an exponential moving average of its state (parameters and
+    # BatchNorm statistics), a snapshot every `ema_every` iterations and at the last,
+    # avg <- ema * avg + (1 - ema) * snapshot; evaluations during training and the final
+    # checkpoint hold the average, training goes on from the live weights (kept beside it for
+    # a resume). 0: the last iteration's weights, the paper's. 0.7 every 10 iterations weighs
+    # the last ~30 iterations: a model less tied to where the last steps happened to land
+    # (docs/recipe.md, "The average of the last iterations' weights").
+    ema: float = 0.0
+    ema_every: int = 10
     checkpoint_every: int = 100
     # Divergence watch: warn when the loss trend over this window rises after warm-up.
     divergence_window: int = 100

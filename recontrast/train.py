@@ -5,8 +5,8 @@ the loop needs, and the loop in `train` reads top to bottom, one comment per ste
 `Callback` is the only hook (MLflow tracking subclasses it; `recontrast.pipeline` ties
 training, evaluation and tracking).
 Sampling is a pure function of (seed, iteration), and the checkpoint holds model,
-optimizers, RNG and loss history, so `resume=True` continues bit-identically where a
-killed run stopped. Under torchrun each process trains on its slice of that global batch
+optimizers, RNG and loss history (and train.ema's average), so `resume=True` continues
+bit-identically where a killed run stopped. Under torchrun each process trains on its slice of that global batch
 with DistributedDataParallel (recontrast.distributed, docs/scaling.md); rank 0 alone calls
 the callbacks, evaluates and writes checkpoints.
 """
@@ -16,9 +16,10 @@ import logging
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -121,6 +122,67 @@ class ProxySelection:
         result.checkpoint, result.selected_iteration = self.path, int(ckpt["iteration"])
         result.metrics = dict(ckpt["selection"]["metrics"])
         log.info("train.select=proxy: kept iteration %d (proxy/score %.4f)", result.selected_iteration, self.best)
+
+
+class WeightAverage:
+    """The weights a run keeps under train.ema: an exponential moving average of the model's
+    state (parameters and BatchNorm statistics; integer counters are copied), a snapshot every
+    train.ema_every iterations and at the last. Off (train.ema 0, the paper) it holds nothing."""
+
+    def __init__(self, cfg: Config):
+        t = cfg.train
+        if not 0.0 <= t.ema < 1.0 or t.ema_every < 1:
+            raise ConfigError(f"train.ema={t.ema} must be in [0, 1) (0: off) and train.ema_every={t.ema_every} >= 1")
+        self.decay, self.every, self.iters = t.ema, t.ema_every, t.iters
+        self.state: dict[str, torch.Tensor] | None = None  # None until the first snapshot
+        self._live: dict[str, torch.Tensor] | None = None  # the live weights while the average is applied
+
+    def update(self, model: nn.Module, done: int) -> None:
+        """Takes iteration `done`'s snapshot into the average, when one is due."""
+        if self.decay == 0.0 or (done % self.every and done != self.iters):
+            return
+        if self.state is None:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.state[key].mul_(self.decay).add_(value, alpha=1 - self.decay)
+            else:
+                self.state[key].copy_(value)
+
+    def live(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Returns the live weights' state, also while the average is applied."""
+        return self._live if self._live is not None else model.state_dict()
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """Holds the average in `model` for the block (nothing changes before the first
+        snapshot), the live weights again after it."""
+        if self.state is None:
+            yield
+            return
+        self._live = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            model.load_state_dict(self._live)
+            self._live = None
+
+    def into(self, ckpt: dict[str, Any], model: nn.Module, iteration: int) -> dict[str, Any]:
+        """Returns checkpoint `ckpt` with the average: "ema" always; at the last iteration the
+        average becomes "model" (what evaluation and inference load) and the live weights
+        "live_model" (what a resume continues from)."""
+        if self.state is not None:
+            ckpt["ema"], ckpt["model"] = self.state, self.live(model)
+            if iteration >= self.iters:
+                ckpt["live_model"], ckpt["model"] = ckpt["model"], self.state
+        return ckpt
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Takes the average a checkpoint holds (resume)."""
+        if self.decay > 0.0 and ckpt.get("ema") is not None:
+            self.state = {k: v.clone() for k, v in ckpt["ema"].items()}
 
 
 class TrainBatches:
@@ -253,6 +315,7 @@ class Setup:
     batches: TrainBatches
     frozen: FrozenFeatures
     selector: ProxySelection
+    average: WeightAverage
     calls: Dispatch
     eval_fn: Callable[[nn.Module, int], dict] | None
     path: Path
@@ -279,7 +342,8 @@ class Setup:
         self.scaler.update()
 
     def state(self, iteration: int) -> dict[str, Any]:
-        return training_state(self.cfg, self.model, self.optimizers, self.scaler, iteration, self.history)
+        state = training_state(self.cfg, self.model, self.optimizers, self.scaler, iteration, self.history)
+        return self.average.into(state, self.model, iteration)
 
     def save(self, iteration: int) -> None:
         """Writes last.ckpt (rank 0), once every weight is known to be finite."""
@@ -292,12 +356,14 @@ class Setup:
         self.last_good = self.path
 
     def evaluate(self, iteration: int, result: TrainResult) -> int:
-        """Evaluates the model (eval_fn), tells the callbacks, offers it to the proxy selection."""
-        self.model.eval()
-        result.metrics = dict(self.eval_fn(self.model, iteration) or {})
-        self.model.train()
-        self.calls.on_eval(iteration, result.metrics)
-        self.selector.offer(result.metrics, lambda: self.state(iteration))
+        """Evaluates the weights the run would keep now (eval_fn; train.ema: the average), tells
+        the callbacks, offers them to the proxy selection."""
+        with self.average.applied(self.model):
+            self.model.eval()
+            result.metrics = dict(self.eval_fn(self.model, iteration) or {})
+            self.model.train()
+            self.calls.on_eval(iteration, result.metrics)
+            self.selector.offer(result.metrics, lambda: {**self.state(iteration), "model": self.model.state_dict()})
         return iteration
 
 
@@ -326,12 +392,14 @@ def setup(cfg: Config, callbacks: Sequence[Callback], resume: bool, eval_fn, dat
     selector = ProxySelection(Path(t.out) / "best.ckpt", enabled=t.select == "proxy" and here.is_main,
                               resume=resume or not here.is_main)
     s = Setup(cfg, here, device, model, forward, optimizers, scaler, loss_fn, batches,
-              FrozenFeatures(model, batches, cfg), selector, Dispatch(callbacks), eval_fn, Path(t.out) / "last.ckpt")
+              FrozenFeatures(model, batches, cfg), selector, WeightAverage(cfg), Dispatch(callbacks), eval_fn,
+              Path(t.out) / "last.ckpt")
     if resume:
         ckpt = load_checkpoint(s.path)
         for change in config_changes(ckpt["config"], cfg):
             log.warning("resume: setting changed since the checkpoint: %s", change)
         restore_training_state(ckpt, model, optimizers, scaler)
+        s.average.restore(ckpt)
         s.start, s.history, s.last_good = ckpt["iteration"], list(ckpt["loss_history"]), s.path
         log.info("resuming %s at iteration %d of %d", s.path, s.start, t.iters)
     log.info("training on %s (precision %s): %d images, batch %d, iterations %d..%d", device, t.precision,
@@ -373,6 +441,7 @@ def train(
             s.step(loss, stepped)
             history.append(value)
             done = result.iterations = it + 1
+            s.average.update(model, done)
             bar.update(1)
             # 5. Every log_every iterations: the bar, a console line where no bar shows, the callbacks.
             if (t.log_every > 0 and done % t.log_every == 0) or done == t.iters:
@@ -395,6 +464,8 @@ def train(
     result.fit_seconds = time.perf_counter() - fit_start
     if s.eval_fn is not None and last_eval != result.iterations:
         s.evaluate(result.iterations, result)
+    if s.average.state is not None:  # train.ema: the run keeps the average
+        model.load_state_dict(s.average.state)
     s.selector.restore_best(result)
     model.eval()
     calls.on_end(result)

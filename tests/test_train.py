@@ -94,11 +94,13 @@ def test_short_training_reduces_the_loss(synthetic_root, datasets, tmp_path, cap
     assert f"loss {losses[9]:.4f}" in lines[0] and "it/s, ETA" in lines[0] and lines[-1].endswith("ETA 0m00s")
 
 
-def test_resume_after_a_kill_is_bit_identical(synthetic_root, datasets, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_resume_after_a_kill_is_bit_identical(synthetic_root, datasets, tmp_path, ema):
     torch.use_deterministic_algorithms(True)
+    extra = {"train.ema": ema, "train.ema_every": 2}
     try:
-        ref = T.train(tiny_cfg(synthetic_root, tmp_path / "ref"), datasets=datasets)
-        cfg = tiny_cfg(synthetic_root, tmp_path / "killed")
+        ref = T.train(tiny_cfg(synthetic_root, tmp_path / "ref", **extra), datasets=datasets)
+        cfg = tiny_cfg(synthetic_root, tmp_path / "killed", **extra)
         with pytest.raises(KeyboardInterrupt):
             T.train(cfg, [Recorder(stop_after_checkpoint=4)], datasets=datasets)
         assert load_checkpoint(tmp_path / "killed" / "last.ckpt")["iteration"] == 4
@@ -114,6 +116,52 @@ def test_resume_after_a_kill_is_bit_identical(synthetic_root, datasets, tmp_path
     model, cfg2, ckpt = load_model(resumed.checkpoint)  # evaluate/predict path
     assert cfg2.model.pretrained == "none" and ckpt["iteration"] == 6 and not model.training
     assert all(torch.equal(v, b[k].cpu()) for k, v in model.state_dict().items())
+
+
+def test_ema_keeps_the_average_of_the_snapshots_and_trains_on(synthetic_root, datasets, tmp_path):
+    """train.ema: snapshots every ema_every iterations and at the last; evaluations see the
+    average, training continues from the live weights; the final checkpoint holds both."""
+    live, seen = {}, {}
+
+    class Snapshots(T.Callback):
+        def __init__(self):
+            self.model = None
+
+        def on_start(self, cfg, model, start_iteration):
+            self.model = model
+
+        def on_log(self, iteration, metrics):
+            live[iteration] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def eval_fn(model, iteration):
+        seen[iteration] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {}
+
+    cfg = tiny_cfg(synthetic_root, tmp_path, **{"train.iters": 5, "train.ema": 0.6, "train.ema_every": 2,
+                                                "train.eval_every": 2})
+    result = T.train(cfg, [Snapshots()], eval_fn=eval_fn, datasets=datasets)
+    averages = {2: {k: v.clone() for k, v in live[2].items()}}
+    for before, done in ((2, 4), (4, 5)):  # every 2nd iteration and the last
+        averages[done] = {k: (a.clone().mul_(0.6).add_(live[done][k], alpha=0.4) if a.is_floating_point()
+                              else live[done][k].clone()) for k, a in averages[before].items()}
+    average, expected_at_4 = averages[5], averages[4]
+    moving = [k for k, v in live[5].items() if v.is_floating_point() and not torch.equal(v, average[k])]
+    assert moving  # the average is not the last weights
+    assert all(torch.equal(seen[4][k], expected_at_4[k]) for k in expected_at_4)  # the eval saw the average
+    assert not all(torch.equal(seen[4][k], live[4][k]) for k in moving)
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k], average[k]) for k in average)  # the run keeps the average
+    ckpt = load_checkpoint(result.checkpoint)
+    assert all(torch.equal(ckpt["model"][k], average[k]) for k in average)
+    assert all(torch.equal(ckpt["live_model"][k], live[5][k]) for k in live[5])  # a resume goes on from these
+    model, _, _ = load_model(result.checkpoint)
+    assert all(torch.equal(v, average[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("values", [{"train.ema": 1.0}, {"train.ema": -0.1}, {"train.ema": 0.5, "train.ema_every": 0}])
+def test_ema_out_of_range_is_refused(synthetic_root, datasets, tmp_path, values):
+    with pytest.raises(ConfigError, match="train.ema"):
+        T.train(tiny_cfg(synthetic_root, tmp_path, **values), datasets=datasets)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, datasets, tmp_path, monkeypatch):
