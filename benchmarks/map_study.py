@@ -8,6 +8,9 @@ sigma, image score, how the pairs combine. The paper's setting (the model's own 
 score its maximum) reproduces `recontrast evaluate` exactly where the model was evaluated so;
 `score_product` does where it was evaluated with eval.score_combine=product (the CPU recipes):
 the category's own evaluation (metrics.json) is printed beside it.
+A model trained with train.ema keeps its last iteration's weights beside the average
+(`live_model`): they are scored too, as `last_weights` (the paper's map and score) and
+`last_weights_score_product`, a paired comparison of the average against the last weights.
 
     python benchmarks/map_study.py --runs bench_out/cat3/recontrast --out bench_out/maps
 
@@ -56,6 +59,9 @@ SETTINGS = {
     # The image score alone from the product (eval.score_combine), the map the paper's sum.
     "score_product": {"score_combine": "product"},
 }
+# The last iteration's weights of a train.ema model (its checkpoint's live_model), scored as
+# `paper` and `score_product` score the average.
+LAST_WEIGHTS = {"last_weights": {}, "last_weights_score_product": {"score_combine": "product"}}
 
 
 class CachedPairs(nn.Module):
@@ -80,21 +86,29 @@ def network_pairs(model, dataset, batch_size: int) -> list:
         return [model.anomaly_pairs(batch["image"]) for batch in loader]
 
 
-def study_category(folder: Path, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    model, cfg, _ = load_model(folder / "last.ckpt")
-    test = build_datasets(cfg.data).test
-    t0 = time.process_time()
-    cached = CachedPairs(network_pairs(model, test, cfg.eval.batch_size))
+def scored(cached: CachedPairs, test, eval_cfg, settings: dict) -> dict:
+    """Returns {setting: {metric: value}} of the network's cached pairs under each setting;
+    every setting without score_combine scores images with the map's own maximum (the paper's)."""
     rows = {}
-    for name, change in SETTINGS.items():
-        # Every setting but score_product scores images with the map's own maximum (the paper's).
-        eval_cfg = dataclasses.replace(cfg.eval, proxy=False, figures=False, gif=False,
-                                       **({"score_combine": "map"} | change))
+    for name, change in settings.items():
+        changed = dataclasses.replace(eval_cfg, proxy=False, figures=False, gif=False,
+                                      **({"score_combine": "map"} | change))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*need both.*")
-            metrics = evaluate(cached, test, eval_cfg, torch.device("cpu")).metrics
+            metrics = evaluate(cached, test, changed, torch.device("cpu")).metrics
         rows[name] = {k: 100 * float(metrics[k]) for k in METRICS}
+    return rows
+
+
+def study_category(folder: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model, cfg, ckpt = load_model(folder / "last.ckpt")
+    test = build_datasets(cfg.data).test
+    t0 = time.process_time()
+    rows = scored(CachedPairs(network_pairs(model, test, cfg.eval.batch_size)), test, cfg.eval, SETTINGS)
+    if ckpt.get("live_model") is not None:
+        model.load_state_dict(ckpt["live_model"])
+        rows |= scored(CachedPairs(network_pairs(model, test, cfg.eval.batch_size)), test, cfg.eval, LAST_WEIGHTS)
     evaluated = folder / "eval" / "metrics.json"
     reference = json.loads(evaluated.read_text()) if evaluated.is_file() else {}
     return {"rows": rows, "cpu_s": time.process_time() - t0, "encoder_bn": cfg.model.encoder_bn,
@@ -109,7 +123,9 @@ def tables(results: dict) -> str:
         lines += ["", f"### {metric} (mean over {', '.join(masked)})", "",
                   "| setting | " + " | ".join(cats) + " | mean | mean - paper |", "|---" * (len(cats) + 3) + "|"]
         paper_mean = np.mean([results[c]["rows"]["paper"][metric] for c in masked])
-        for name in SETTINGS:
+        for name in [*SETTINGS, *LAST_WEIGHTS]:
+            if any(name not in results[c]["rows"] for c in cats):
+                continue
             values = [results[c]["rows"][name][metric] for c in cats]
             mean = np.mean([results[c]["rows"][name][metric] for c in masked])
             lines.append(f"| {name} | " + " | ".join("n/a" if np.isnan(v) else f"{v:.2f}" for v in values)

@@ -177,6 +177,20 @@ def test_map_study_scores_the_models_own_map_as_its_evaluation_did(tiny_model, t
     assert product["aupro"] == found["rows"]["paper"]["aupro"]
     assert product["image_auroc"] == pytest.approx(found["rows"]["product"]["image_auroc"])
     assert "| paper |" in study.tables({"disc": found})
+    assert "last_weights" not in found["rows"]  # no train.ema: nothing else to score
+
+    # A train.ema checkpoint: its last weights (live_model) are scored beside the average.
+    from recontrast.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(folder / "last.ckpt")
+    save_checkpoint(folder / "last.ckpt", {**ckpt, "live_model": ckpt["model"]})
+    same = study.study_category(folder, threads=1)["rows"]
+    assert same["last_weights"] == same["paper"] and same["last_weights_score_product"] == same["score_product"]
+    moved = {k: (v * 1.5 if k.startswith("decoder.") and v.is_floating_point() else v) for k, v in ckpt["model"].items()}
+    save_checkpoint(folder / "last.ckpt", {**ckpt, "live_model": moved})
+    other = study.study_category(folder, threads=1)
+    assert other["rows"]["paper"] == same["paper"] and other["rows"]["last_weights"] != same["paper"]
+    assert "| last_weights_score_product |" in study.tables({"disc": other})
 
 
 @pytest.mark.slow
