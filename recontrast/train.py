@@ -6,9 +6,9 @@ the loop needs, and the loop in `train` reads top to bottom, one comment per ste
 training, evaluation and tracking).
 Sampling is a pure function of (seed, iteration), and the checkpoint holds model,
 optimizers, RNG and loss history (and train.ema's average), so `resume=True` continues
-bit-identically where a killed run stopped. Under torchrun each process trains on its slice of that global batch
-with DistributedDataParallel (recontrast.distributed, docs/scaling.md); rank 0 alone calls
-the callbacks, evaluates and writes checkpoints.
+bit-identically where a killed run stopped. Under torchrun each process trains on its slice
+of that global batch with DistributedDataParallel (recontrast.distributed, docs/scaling.md);
+rank 0 alone calls the callbacks, evaluates and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -437,7 +437,7 @@ def train(
             value = mean_over_ranks(loss.detach()).item()
             if not math.isfinite(value):
                 raise _diverged(it, f"the loss ({value})", s.last_good, calls)
-            # 4. Backward and step.
+            # 4. Backward and step; train.ema takes its snapshot when one is due.
             s.step(loss, stepped)
             history.append(value)
             done = result.iterations = it + 1
