@@ -46,9 +46,16 @@ def anomaly_map(
     (or all ones) is the paper's map. Sum and mean weight each distance map, product raises
     it to the weight's power; mean divides by the sum of the weights.
     """
-    if combine not in COMBINES:  # before any work: a bad option is said at once
-        raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
+    _check(combine, sigma)
     return _map(_distances(pairs, size), combine, sigma, pair_weights(len(pairs), level_weights))
+
+
+def _check(combine: str, sigma: float) -> None:
+    """Raises ValueError for a combine or sigma _map cannot use: before any work, so a bad option is said at once."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
 
 
 def _distances(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, int]) -> list[Tensor]:
@@ -67,11 +74,8 @@ def _distances(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[int, in
 
 
 def _map(dists: list[Tensor], combine: str, sigma: float, weights: list[float]) -> Tensor:
-    """Returns the smoothed map of the pairs' distance maps, weighted and combined as `combine` says."""
-    if combine not in COMBINES:
-        raise ValueError(f"combine={combine!r} is not one of {', '.join(COMBINES)}")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    """Returns the smoothed map of the pairs' distance maps, weighted and combined as `combine`
+    says (options checked by _check)."""
     total: Tensor | None = None
     for dist, weight in zip(dists, weights):
         if weight != 1.0:
@@ -115,6 +119,8 @@ def maps_and_scores(pairs: Sequence[tuple[Tensor, Tensor]], size: int | tuple[in
     if not separate_score(eval_cfg):
         maps = maps_for(pairs, size, eval_cfg)
         return maps, image_score(maps, eval_cfg.score, eval_cfg.topk)
+    _check(eval_cfg.combine, eval_cfg.sigma)
+    _check(eval_cfg.score_combine, eval_cfg.sigma)
     dists = _distances(pairs, size)  # once, for both maps
     weights = pair_weights(len(pairs), eval_cfg.level_weights)
     maps = _map(dists, eval_cfg.combine, eval_cfg.sigma, weights)
