@@ -49,10 +49,14 @@ def test_category_verdicts_compare_with_the_best_peer_on_every_shared_metric():
             _row("screw", "patchcore", image_auroc=0.85),
             _row("weave", "recontrast", fit_s=1000.0, image_auroc=0.99),
             _row("weave", "padim", image_auroc=0.97),
-            _row("disc", "recontrast")]
-    screw, weave, disc = categories.verdicts(rows)
+            _row("disc", "recontrast"),
+            {**_row("bar", "recontrast", fit_s=800.0), "cpu_seconds": 1300.0},  # two trainings: 21.7 CPU min
+            {**_row("board", "recontrast", fit_s=400.0), "cpu_seconds": 600.0}]
+    screw, weave, disc, bar, board = categories.verdicts(rows)
     assert "NOT met (image_auroc 90.00 < 95.00)" in screw  # pixel metrics n/a: not compared
-    assert "vs best peer MET" in weave and "fit 1000 s NOT met" in weave
+    assert "vs best peer MET" in weave and "fit 1000 s NOT met" in weave  # no CPU time: the fit's wall time
+    assert "21.7 CPU min (training + evaluation, limit 15) NOT met; fit 800 s" in bar  # within 15 wall minutes
+    assert "10.0 CPU min (training + evaluation, limit 15) MET" in board
     assert "vs best peer not measured (no peer in this run)" in disc  # no peer: no verdict either way
     assert "| screw | recontrast | 90.00 | 90.00 | 90.00 | n/a |" in categories.table(rows)
 
